@@ -1,0 +1,260 @@
+"""Ground-truth losses for box-prompted mask prediction.
+
+All functions are pure, take keyword-only arguments and compute in float32 (inputs under autocast
+are upcast).
+
+Per-mask terms (:func:`sigmoid_focal_loss`, :func:`dice_loss`, :func:`soft_iou_loss`,
+:func:`boundary_loss`) take mask logits of shape ``(..., H, W)`` and binary targets broadcastable
+to it, and return one value per mask, shape ``(...)`` -- e.g. ``(B, Q, M)`` for the model's
+candidates. They never reduce over queries; :func:`segmentation_loss` does that, with an explicit
+normalizer.
+
+Normalization (:func:`segmentation_loss`): every term is a SUM over real (non-padded) queries
+divided by ``num_queries``. Pass as ``num_queries`` the number of real queries in the whole
+optimizer step -- across gradient-accumulation micro-batches and across processes -- and the summed
+gradient of the micro-batches equals the gradient of the mean over every query of the step, however
+the queries happen to be split. Left as None, the local count of real queries is used (right for a
+single process without accumulation). Under DDP, whose all-reduce *averages* gradients over
+processes, the trainer must additionally multiply the loss by the number of processes (what
+``transformers.Trainer`` does when it passes ``num_items_in_batch``). The normalizer is clamped to
+at least 1, so a batch of padding only yields a finite zero loss with zero gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..metrics.functional import mask_iou
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "dice_loss",
+    "soft_iou_loss",
+    "boundary_band",
+    "boundary_loss",
+    "iou_head_loss",
+    "normalize_over_queries",
+    "segmentation_loss",
+]
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """Flatten the two trailing spatial dimensions."""
+    return x.flatten(-2)
+
+
+def sigmoid_focal_loss(
+    *, logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017), averaged over the pixels of each mask.
+
+    Per pixel, with ``p = sigmoid(logit)`` and ``p_t = p`` on foreground, ``1 - p`` on background:
+    ``alpha_t * (1 - p_t) ** gamma * BCE(logit, target)``, where ``alpha_t = alpha`` on foreground
+    and ``1 - alpha`` on background (``alpha < 0`` disables the class weighting).
+
+    Args:
+        logits: mask logits ``(..., H, W)``.
+        targets: binary targets broadcastable to ``logits``.
+        alpha: foreground weight in [0, 1], or negative for none.
+        gamma: focusing exponent (>= 0); 0 gives plain (alpha-weighted) BCE.
+
+    Returns:
+        ``(...)``: the mean over the H x W pixels of each mask.
+    """
+    logits = logits.float()
+    targets = targets.to(logits.dtype).expand_as(logits)
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+    loss = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+    return _pixels(loss).mean(-1)
+
+
+def dice_loss(*, logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per mask: ``1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)``, ``p = sigmoid``.
+
+    ``smooth`` (pixels) keeps empty targets well defined: an empty target predicted empty gives 0.
+
+    Returns:
+        ``(...)`` for logits ``(..., H, W)``.
+    """
+    logits = logits.float()
+    prob = _pixels(torch.sigmoid(logits))
+    targets = _pixels(targets.to(prob.dtype).expand_as(logits))
+    numerator = 2.0 * (prob * targets).sum(-1) + smooth
+    denominator = prob.sum(-1) + targets.sum(-1) + smooth
+    return 1.0 - numerator / denominator
+
+
+def soft_iou_loss(*, logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft IoU (Jaccard) loss per mask: ``1 - (I + smooth) / (U + smooth)``.
+
+    ``I = sum(p t)`` and ``U = sum(p) + sum(t) - I`` with ``p = sigmoid(logits)``.
+
+    Returns:
+        ``(...)`` for logits ``(..., H, W)``.
+    """
+    logits = logits.float()
+    prob = _pixels(torch.sigmoid(logits))
+    targets = _pixels(targets.to(prob.dtype).expand_as(logits))
+    intersection = (prob * targets).sum(-1)
+    union = prob.sum(-1) + targets.sum(-1) - intersection
+    return 1.0 - (intersection + smooth) / (union + smooth)
+
+
+def boundary_band(targets: torch.Tensor, *, band_width: int = 3) -> torch.Tensor:
+    """Boolean band of pixels around the boundary of binary masks ``(..., H, W)``.
+
+    A pixel is in the band when its ``(2w+1) x (2w+1)`` neighbourhood (``w = band_width``) holds both
+    foreground and background pixels, i.e. band = dilation(target) minus erosion(target), both done
+    with max-pooling. Pixels outside the image are ignored (the image border is no boundary). The
+    band is therefore about ``2 w`` pixels wide, centred on the object's contour; an empty or full
+    mask has an empty band.
+    """
+    if band_width < 1:
+        raise ValueError(f"band_width must be >= 1, got {band_width}")
+    shape = targets.shape
+    flat = targets.detach().float().reshape(-1, 1, *shape[-2:])
+    kernel = 2 * band_width + 1
+    dilated = F.max_pool2d(flat, kernel_size=kernel, stride=1, padding=band_width)
+    eroded = -F.max_pool2d(-flat, kernel_size=kernel, stride=1, padding=band_width)
+    return ((dilated - eroded) > 0.5).reshape(shape)
+
+
+def boundary_loss(*, logits: torch.Tensor, targets: torch.Tensor, band_width: int = 3) -> torch.Tensor:
+    """Binary cross-entropy restricted to a band around the ground-truth boundary.
+
+    The band is :func:`boundary_band` of the target (``band_width`` pixels on each side of the
+    contour). The loss of a mask is the BCE summed over its band pixels divided by the number of band
+    pixels. A target without boundary (empty, or covering the whole image) has an empty band and
+    contributes exactly 0 (finite, zero gradient).
+
+    Returns:
+        ``(...)`` for logits ``(..., H, W)``; targets may have fewer leading dims (broadcast).
+    """
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    band = boundary_band(targets, band_width=band_width).to(logits.dtype).expand_as(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="none")
+    band = _pixels(band)
+    return (_pixels(ce) * band).sum(-1) / band.sum(-1).clamp_min(1.0)
+
+
+def iou_head_loss(*, iou_scores: torch.Tensor, pred_masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error between the predicted IoU and the actual IoU of each candidate mask.
+
+    The actual IoU is that of the binarized candidate (``logits > 0``) with the target, with the
+    metric's convention (both empty -> 1); it is a detached regression target.
+
+    Args:
+        iou_scores: ``(..., M)`` predicted IoU per candidate.
+        pred_masks: ``(..., M, H, W)`` candidate logits.
+        targets: ``(..., H, W)`` binary targets (or broadcastable to ``pred_masks``).
+
+    Returns:
+        ``(..., M)`` squared errors.
+    """
+    if targets.ndim == pred_masks.ndim - 1:
+        targets = targets.unsqueeze(-3)
+    with torch.no_grad():
+        actual = mask_iou(pred_masks > 0, (targets > 0.5).expand_as(pred_masks)).float()
+    return (iou_scores.float() - actual.detach()) ** 2
+
+
+def normalize_over_queries(
+    per_query: torch.Tensor, *, query_mask: torch.Tensor, num_queries: Optional[Union[int, float, torch.Tensor]] = None
+) -> torch.Tensor:
+    """Sum ``per_query`` over real queries and divide by ``num_queries`` (local count when None).
+
+    Padded queries are removed with ``torch.where``, so even non-finite values there cannot leak in.
+    The divisor is clamped to at least 1.
+    """
+    query_mask = query_mask.bool()
+    if per_query.shape != query_mask.shape:
+        raise ValueError(f"per-query values {tuple(per_query.shape)} do not match query_mask {tuple(query_mask.shape)}")
+    kept = torch.where(query_mask, per_query, torch.zeros((), dtype=per_query.dtype, device=per_query.device))
+    if num_queries is None:
+        num_queries = query_mask.sum()
+    divisor = torch.as_tensor(num_queries, dtype=per_query.dtype, device=per_query.device).clamp_min(1.0)
+    return kept.sum() / divisor
+
+
+def segmentation_loss(
+    *,
+    pred_masks: torch.Tensor,
+    iou_scores: torch.Tensor,
+    labels: torch.Tensor,
+    query_mask: Optional[torch.Tensor] = None,
+    num_queries: Optional[Union[int, float, torch.Tensor]] = None,
+    focal_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    boundary_weight: float = 0.5,
+    iou_head_weight: float = 1.0,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    boundary_band_width: int = 3,
+) -> Dict[str, torch.Tensor]:
+    """Full ground-truth loss of a batch, with the minimum-loss candidate per query.
+
+    For each query, every candidate gets the weighted mask loss
+    ``focal_weight*focal + dice_weight*dice + iou_weight*soft_iou + boundary_weight*boundary``;
+    the candidate with the lowest value is chosen (an ``argmin`` taken without gradient) and only its
+    terms train the mask. The IoU head is trained on all candidates (mean squared error over the M
+    candidates of a query). Each term is then summed over the real queries and divided by
+    ``num_queries`` (see the module docstring).
+
+    Args:
+        pred_masks: ``(B, Q, M, H, W)`` mask logits.
+        iou_scores: ``(B, Q, M)`` predicted IoU.
+        labels: ``(B, Q, H, W)`` binary targets.
+        query_mask: ``(B, Q)`` bool, False for padded queries (they contribute nothing). None: all real.
+        num_queries: normalizer -- the number of real queries in the global batch. None: local count.
+        focal_weight, dice_weight, iou_weight, boundary_weight, iou_head_weight: term weights.
+        focal_alpha, focal_gamma: focal-loss parameters.
+        boundary_band_width: half-width in pixels of the boundary band.
+
+    Returns:
+        A dict of scalars ``loss`` (the weighted total), ``mask_loss`` (weighted sum of the four mask
+        terms), ``focal_loss``, ``dice_loss``, ``iou_loss``, ``boundary_loss``, ``iou_head_loss``
+        (unweighted, each normalized), and ``chosen_candidate``: ``(B, Q)`` int64 index of the
+        candidate used for the mask loss (meaningless for padded queries).
+    """
+    if pred_masks.ndim != 5:
+        raise ValueError(f"pred_masks must be (B, Q, M, H, W), got {tuple(pred_masks.shape)}")
+    batch, queries, _, height, width = pred_masks.shape
+    if labels.shape != (batch, queries, height, width):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match pred_masks {tuple(pred_masks.shape)}")
+    if iou_scores.shape != pred_masks.shape[:3]:
+        raise ValueError(f"iou_scores {tuple(iou_scores.shape)} do not match pred_masks {tuple(pred_masks.shape)}")
+    if query_mask is None:
+        query_mask = torch.ones((batch, queries), dtype=torch.bool, device=pred_masks.device)
+
+    targets = labels.float().unsqueeze(2)  # (B, Q, 1, H, W), broadcast over candidates
+    per_candidate = {
+        "focal_loss": sigmoid_focal_loss(logits=pred_masks, targets=targets, alpha=focal_alpha, gamma=focal_gamma),
+        "dice_loss": dice_loss(logits=pred_masks, targets=targets),
+        "iou_loss": soft_iou_loss(logits=pred_masks, targets=targets),
+        "boundary_loss": boundary_loss(logits=pred_masks, targets=targets, band_width=boundary_band_width),
+    }
+    weights = {"focal_loss": focal_weight, "dice_loss": dice_weight, "iou_loss": iou_weight, "boundary_loss": boundary_weight}
+    combined = sum(weights[name] * value for name, value in per_candidate.items())  # (B, Q, M)
+    chosen = combined.detach().argmin(dim=-1)  # (B, Q)
+
+    def pick(value: torch.Tensor) -> torch.Tensor:
+        return value.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+
+    out: Dict[str, torch.Tensor] = {}
+    for name, value in per_candidate.items():
+        out[name] = normalize_over_queries(pick(value), query_mask=query_mask, num_queries=num_queries)
+    out["mask_loss"] = normalize_over_queries(pick(combined), query_mask=query_mask, num_queries=num_queries)
+    head = iou_head_loss(iou_scores=iou_scores, pred_masks=pred_masks, targets=labels).mean(-1)  # (B, Q)
+    out["iou_head_loss"] = normalize_over_queries(head, query_mask=query_mask, num_queries=num_queries)
+    out["loss"] = out["mask_loss"] + iou_head_weight * out["iou_head_loss"]
+    out["chosen_candidate"] = chosen
+    return out
