@@ -12,6 +12,12 @@ from modeling_efficientsam.training.losses import (
     sigmoid_focal_loss,
     soft_iou_loss,
 )
+from modeling_efficientsam.training.weighting import (
+    DynamicWeightAverage,
+    FixedLossWeighting,
+    UncertaintyWeighting,
+    build_loss_weighting,
+)
 
 TERMS = ("focal_loss", "dice_loss", "iou_loss", "boundary_loss", "iou_head_loss", "mask_loss", "loss")
 
@@ -270,3 +276,145 @@ def test_shape_errors_are_reported():
         segmentation_loss(pred_masks=pred[:, :, 0], iou_scores=iou, labels=labels)
     with pytest.raises(TypeError):
         segmentation_loss(pred, iou, labels)  # keyword-only
+
+
+# ----------------------------------------------------------------------------- loss weighting
+
+WEIGHTS = {"focal": 1.0, "dice": 1.0, "boundary": 0.5}
+
+
+def losses(focal, dice, boundary):
+    return {"focal": torch.tensor(focal), "dice": torch.tensor(dice), "boundary": torch.tensor(boundary)}
+
+
+def test_fixed_returns_configured_weights_and_weighted_sum():
+    w = build_loss_weighting("fixed", weights=WEIGHTS)
+    assert isinstance(w, FixedLossWeighting)
+    for step in range(20):
+        w.update(losses(1.0 / (step + 1), 1.0, 2.0))
+    assert w.weights == WEIGHTS
+    total = w(losses(2.0, 3.0, 4.0))
+    assert total.item() == pytest.approx(2.0 + 3.0 + 0.5 * 4.0)
+    assert list(w.parameters()) == []
+
+
+def test_forward_keeps_gradients_and_checks_names():
+    w = build_loss_weighting("fixed", weights=WEIGHTS)
+    x = torch.tensor(2.0, requires_grad=True)
+    w({"focal": x, "dice": x * 2, "boundary": x, "extra": torch.tensor(99.0)}).backward()
+    assert x.grad.item() == pytest.approx(1.0 + 2.0 + 0.5)
+    with pytest.raises(KeyError):
+        w({"focal": x})
+
+
+def test_dwa_upweights_the_loss_that_decreases_slower():
+    w = build_loss_weighting("dwa", names=["slow", "fast"], update_freq=5, smoothing_factor=0.5, temperature=0.5)
+    assert isinstance(w, DynamicWeightAverage)
+    assert w.weights == {"slow": 1.0, "fast": 1.0}
+    for step in range(5):
+        w.update({"slow": 1.0, "fast": 0.8**step})
+    assert w.weights == {"slow": 1.0, "fast": 1.0}  # first refresh only stores the reference averages
+    for step in range(5, 30):
+        w.update({"slow": 1.0, "fast": 0.8**step})
+    factors = w.factors
+    assert factors["slow"] > 1.0 > factors["fast"]
+    assert sum(factors.values()) == pytest.approx(2.0)  # weights sum to the number of tasks
+
+
+def test_dwa_hand_computed_factors_and_base_weights():
+    w = DynamicWeightAverage({"a": 2.0, "b": 1.0}, update_freq=1, smoothing_factor=0.0, temperature=2.0)
+    w.update({"a": 1.0, "b": 1.0})
+    w.update({"a": 1.0, "b": 0.5})  # ratios 1.0 and 0.5
+    ea, eb = torch.exp(torch.tensor(0.5)), torch.exp(torch.tensor(0.25))
+    expected_a = float(2 * ea / (ea + eb))
+    assert w.factors["a"] == pytest.approx(expected_a)
+    assert w.factors["b"] == pytest.approx(2 - expected_a)
+    assert w.weights["a"] == pytest.approx(2.0 * expected_a)  # applied weight = base * factor
+    total = w({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
+    assert total.item() == pytest.approx(2.0 * expected_a + (2 - expected_a))
+
+
+def test_dwa_only_refreshes_every_update_freq_steps():
+    w = DynamicWeightAverage({"a": 1.0, "b": 1.0}, update_freq=3, smoothing_factor=0.0)
+    history = []
+    for step in range(9):
+        w.update({"a": 1.0, "b": 0.5**step})
+        history.append(w.factors["a"])
+    # refreshes at updates 3 (reference only), 6 and 9
+    assert history[:6] == [1.0] * 5 + [history[5]] and history[5] > 1.0
+    assert history[6] == history[7] == history[5]
+
+
+def test_dwa_state_round_trip_resumes_exactly():
+    def run(w, start, stop):
+        for step in range(start, stop):
+            w.update({"a": 1.0 + 0.1 * step, "b": 0.9**step})
+
+    config = dict(update_freq=4, smoothing_factor=0.9, temperature=1.0)
+    reference = DynamicWeightAverage({"a": 1.0, "b": 0.5}, **config)
+    run(reference, 0, 30)
+    first = DynamicWeightAverage({"a": 1.0, "b": 0.5}, **config)
+    run(first, 0, 13)
+    state = first.state_dict()
+    resumed = DynamicWeightAverage({"a": 1.0, "b": 0.5}, **config)
+    resumed.load_state_dict(state)
+    run(resumed, 13, 30)
+    assert resumed.weights == reference.weights
+    assert torch.equal(resumed.smoothed, reference.smoothed)
+    assert int(resumed.num_updates) == 30
+
+
+def test_dwa_ignores_non_finite_updates():
+    w = DynamicWeightAverage({"a": 1.0}, update_freq=1)
+    w.update({"a": 1.0})
+    w.update({"a": float("nan")})
+    assert int(w.num_updates) == 1 and torch.isfinite(w.smoothed).all()
+
+
+def test_uncertainty_gradients_move_log_variances_the_expected_way():
+    w = build_loss_weighting("uncertainty", names=["big", "small"])
+    assert isinstance(w, UncertaintyWeighting)
+    params = list(w.parameters())
+    assert len(params) == 1 and params[0].shape == (2,)
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    total = w({"big": torch.tensor(10.0), "small": torch.tensor(0.1)})
+    # total = exp(-s) L + s at s = 0
+    assert total.item() == pytest.approx(10.1)
+    total.backward()
+    torch.testing.assert_close(w.log_variances.grad, torch.tensor([1 - 10.0, 1 - 0.1]))
+    optimizer.step()
+    s_big, s_small = w.log_variances.tolist()
+    assert s_big > 0 > s_small  # large loss -> larger variance -> smaller weight
+    assert w.weights["big"] < 1.0 < w.weights["small"]
+
+
+def test_uncertainty_converges_to_log_loss():
+    w = UncertaintyWeighting({"a": 1.0})
+    optimizer = torch.optim.SGD(w.parameters(), lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        w({"a": torch.tensor(4.0)}).backward()
+        optimizer.step()
+    assert w.log_variances.item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-3)
+
+
+def test_uncertainty_state_round_trip():
+    w = UncertaintyWeighting(WEIGHTS)
+    with torch.no_grad():
+        w.log_variances.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    restored = UncertaintyWeighting(WEIGHTS)
+    restored.load_state_dict(w.state_dict())
+    assert restored.weights == w.weights
+    batch = losses(1.0, 2.0, 3.0)
+    assert restored(batch).item() == w(batch).item()
+
+
+def test_fixed_state_round_trip_and_bad_strategy():
+    w = FixedLossWeighting(WEIGHTS)
+    restored = FixedLossWeighting({"focal": 0.0, "dice": 0.0, "boundary": 0.0})
+    restored.load_state_dict(w.state_dict())
+    assert restored.weights == WEIGHTS
+    with pytest.raises(ValueError):
+        build_loss_weighting("gradnorm", weights=WEIGHTS)
+    with pytest.raises(ValueError):
+        FixedLossWeighting({"a": -1.0})
