@@ -308,7 +308,9 @@ def test_forward_keeps_gradients_and_checks_names():
 
 
 def test_dwa_upweights_the_loss_that_decreases_slower():
-    w = build_loss_weighting("dwa", names=["slow", "fast"], update_freq=5, smoothing_factor=0.5, temperature=0.5)
+    w = build_loss_weighting(
+        "dwa", names=["slow", "fast"], adaptive_update_freq=5, smoothing_factor=0.5, dwa_temperature=0.5
+    )
     assert isinstance(w, DynamicWeightAverage)
     assert w.weights == {"slow": 1.0, "fast": 1.0}
     for step in range(5):

@@ -48,7 +48,7 @@ def hand_case():
 def test_per_instance_iou_and_f1_hand_values():
     pred, ref = hand_case()
     torch.testing.assert_close(mask_iou(pred, ref), torch.tensor([0.5, 1.0, 1.0, 0.0]))
-    torch.testing.assert_close(f1(pred, ref), torch.tensor([2 / 3, 1.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(f1(pred, ref), torch.tensor([2 / 3, 1.0, 1.0, 0.0]))
     # 0/1 integer and float masks are read the same way as bool masks
     torch.testing.assert_close(mask_iou(pred.float(), ref.to(torch.uint8)), mask_iou(pred, ref))
 

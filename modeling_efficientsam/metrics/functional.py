@@ -195,7 +195,7 @@ def instance_metrics_from_statistics(statistics: Mapping[str, object]) -> Dict[s
 
 
 def mask_iou(pred, target) -> torch.Tensor:
-    """IoU per instance of binary masks ``(..., H, W)`` -> ``(...)`` float32 (both empty -> 1)."""
+    """IoU per instance of binary masks ``(..., H, W)`` -> ``(...)`` float32 on CPU (both empty -> 1)."""
     pred = _as_bool_mask(pred)
     target = _as_bool_mask(target)
     inter = (pred & target).flatten(-2).sum(-1).float()
@@ -204,17 +204,17 @@ def mask_iou(pred, target) -> torch.Tensor:
 
 
 def f1(pred, target) -> torch.Tensor:
-    """F1 (= Dice) per instance of binary masks ``(..., H, W)`` -> ``(...)`` float (both empty -> 1)."""
+    """F1 (= Dice) per instance of binary masks ``(..., H, W)`` -> ``(...)`` float32 on CPU (both empty -> 1)."""
     stats = segmentation_statistics(pred, target, boundary_tolerance=0)
     shape = stats["intersection"].shape
-    return torch.from_numpy(instance_metrics_from_statistics(stats)["f1"]).reshape(shape)
+    return torch.from_numpy(instance_metrics_from_statistics(stats)["f1"]).float().reshape(shape)
 
 
 def boundary_f_score(pred, target, *, tolerance: int = 2) -> torch.Tensor:
-    """Boundary F-score per instance of binary masks ``(..., H, W)`` -> ``(...)`` float."""
+    """Boundary F-score per instance of binary masks ``(..., H, W)`` -> ``(...)`` float32 (CPU)."""
     stats = segmentation_statistics(pred, target, boundary_tolerance=tolerance)
     shape = stats["intersection"].shape
-    return torch.from_numpy(instance_metrics_from_statistics(stats)["boundary_f1"]).reshape(shape)
+    return torch.from_numpy(instance_metrics_from_statistics(stats)["boundary_f1"]).float().reshape(shape)
 
 
 def aggregate_segmentation_metrics(

@@ -173,15 +173,15 @@ def build_loss_weighting(
     *,
     weights: Optional[Mapping[str, float]] = None,
     names: Optional[Sequence[str]] = None,
-    temperature: float = 2.0,
+    dwa_temperature: float = 2.0,
     smoothing_factor: float = 0.95,
-    update_freq: int = 100,
+    adaptive_update_freq: int = 100,
 ) -> _LossWeighting:
     """Build the weighting for ``strategy`` in :data:`LOSS_WEIGHTING_STRATEGIES`.
 
     ``weights`` gives the configured weight per loss name; alternatively ``names`` gives the names
-    with weight 1 each. ``temperature``, ``smoothing_factor`` and ``update_freq`` (the original
-    guide's ``adaptive_update_freq``) configure ``dwa``.
+    with weight 1 each. ``dwa_temperature``, ``smoothing_factor`` and ``adaptive_update_freq`` (the
+    original guide's names for the last two) configure ``dwa`` and are ignored otherwise.
     """
     if weights is None:
         if names is None:
@@ -191,7 +191,7 @@ def build_loss_weighting(
         return FixedLossWeighting(weights)
     if strategy == "dwa":
         return DynamicWeightAverage(
-            weights, temperature=temperature, smoothing_factor=smoothing_factor, update_freq=update_freq
+            weights, temperature=dwa_temperature, smoothing_factor=smoothing_factor, update_freq=adaptive_update_freq
         )
     if strategy == "uncertainty":
         return UncertaintyWeighting(weights)
