@@ -1,0 +1,679 @@
+"""EfficientSAM as a transformers ``PreTrainedModel``.
+
+Computes exactly what the original EfficientSAM computes (see the reference fixtures), with two
+changes that leave the numbers unchanged: fused scaled-dot-product attention (``attn_implementation
+="sdpa"``, the default), and work shared by all queries of an image done once per image in the mask
+decoder (the first layer's image keys, values and queries are projected once, and the first
+token-to-image attention runs all queries of an image as one attention).
+
+This file imports only torch, transformers and the configuration file, so ``save_pretrained`` can
+ship it for ``trust_remote_code`` loading where this package is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_efficientsam import (
+    EfficientSamConfig,
+    EfficientSamMaskDecoderConfig,
+    EfficientSamPromptEncoderConfig,
+    EfficientSamVisionConfig,
+)
+
+# Point labels understood by the prompt encoder.
+LABEL_PADDING = -1
+LABEL_NEGATIVE = 0
+LABEL_POSITIVE = 1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
+VALID_LABELS = (LABEL_PADDING, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)
+
+
+@dataclass
+class EfficientSamImageSegmentationOutput(ModelOutput):
+    """Output of [`EfficientSamModel`].
+
+    B is the batch size, Q the number of queries per image, M the candidates per query (3 with
+    multimask output, else 1), C the embedding width (256), h x w the embedding grid (64 x 64 at 1024
+    input) and 4h x 4w the low-resolution mask size (256 x 256).
+
+    Args:
+        iou_scores (`torch.FloatTensor` of shape `(B, Q, M)`): predicted IoU of each candidate mask.
+        pred_masks (`torch.FloatTensor` of shape `(B, Q, M, 4h, 4w)`): mask logits (threshold 0).
+        image_embeddings (`torch.FloatTensor` of shape `(B, C, h, w)`): the image encoder output (or the
+            embeddings that were passed in).
+        vision_hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states`): encoder token
+            states of shape `(B, h, w, D)`: after the position embedding, then after each block.
+        mask_decoder_attentions (`tuple(torch.FloatTensor)`, with `output_attentions`): token-to-image
+            attention probabilities of the decoder, one per two-way layer plus the final attention, each
+            `(B, Q, heads, T, h * w)` with T = 5 + max points (11) tokens per query.
+        mask_decoder_output_tokens (`torch.FloatTensor` of shape `(B, Q, 5, C)`, with
+            `output_hidden_states`): the IoU token and the 4 mask tokens after the two-way transformer.
+        upscaled_embeddings (`torch.FloatTensor` of shape `(B, Q, C', 4h, 4w)`, with
+            `output_hidden_states`): the upscaled per-query image features that the hypernetworks read
+            (C' = 32).
+    """
+
+    iou_scores: Optional[torch.FloatTensor] = None
+    pred_masks: Optional[torch.FloatTensor] = None
+    image_embeddings: Optional[torch.FloatTensor] = None
+    vision_hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    mask_decoder_attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    mask_decoder_output_tokens: Optional[torch.FloatTensor] = None
+    upscaled_embeddings: Optional[torch.FloatTensor] = None
+
+
+def _activation(name: str) -> nn.Module:
+    if name != "gelu":
+        raise ValueError(f"EfficientSAM uses exact GELU; hidden_act={name!r} is not supported")
+    return nn.GELU()
+
+
+def _attention(query, key, value, use_sdpa: bool, return_weights: bool = False):
+    """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
+
+    The eager branch is the reference arithmetic of the original implementation; the sdpa branch
+    is the fused kernel (same result up to float rounding). Attention weights need the eager branch.
+    """
+    if use_sdpa and not return_weights:
+        return F.scaled_dot_product_attention(query, key, value), None
+    weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
+    weights = weights.softmax(dim=-1)
+    return torch.matmul(weights, value), weights
+
+
+class EfficientSamLayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map."""
+
+    def __init__(self, num_channels: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mean = hidden_states.mean(1, keepdim=True)
+        variance = (hidden_states - mean).pow(2).mean(1, keepdim=True)
+        hidden_states = (hidden_states - mean) / torch.sqrt(variance + self.eps)
+        return self.weight[:, None, None] * hidden_states + self.bias[:, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image encoder
+# ----------------------------------------------------------------------------------------------
+
+
+class EfficientSamVisionAttention(nn.Module):
+    def __init__(self, config: EfficientSamVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        if config.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {self.num_heads} heads")
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.use_sdpa = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended, _ = _attention(query, key, value, self.use_sdpa)
+        return self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class EfficientSamVisionMlp(nn.Module):
+    def __init__(self, config: EfficientSamVisionConfig):
+        super().__init__()
+        hidden = int(config.hidden_size * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.hidden_size, hidden)
+        self.act = _activation(config.hidden_act)
+        self.fc2 = nn.Linear(hidden, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class EfficientSamVisionLayer(nn.Module):
+    """Pre-norm transformer block with global attention."""
+
+    def __init__(self, config: EfficientSamVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = EfficientSamVisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EfficientSamVisionMlp(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.layer_norm1(hidden_states))
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class EfficientSamVisionNeck(nn.Module):
+    def __init__(self, config: EfficientSamVisionConfig):
+        super().__init__()
+        first, second = config.neck_hidden_sizes
+        self.conv1 = nn.Conv2d(config.hidden_size, first, kernel_size=1, bias=False)
+        self.layer_norm1 = EfficientSamLayerNorm2d(first, eps=config.layer_norm_eps)
+        self.conv2 = nn.Conv2d(first, second, kernel_size=3, padding=1, bias=False)
+        self.layer_norm2 = EfficientSamLayerNorm2d(second, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm2(self.conv2(self.layer_norm1(self.conv1(hidden_states))))
+
+
+class EfficientSamVisionEncoder(nn.Module):
+    def __init__(self, config: EfficientSamVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        pretrain_grid = config.pretrain_image_size // config.patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid * pretrain_grid, config.hidden_size))
+        self.layers = nn.ModuleList(EfficientSamVisionLayer(config) for _ in range(config.num_hidden_layers))
+        self.neck = EfficientSamVisionNeck(config)
+        self.gradient_checkpointing = False
+
+    def resized_position_embedding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """The stored (pre-training grid) position embedding resized bicubically to the token grid."""
+        positions = self.pos_embed[:, 1:]
+        side = int(math.isqrt(positions.shape[1]))
+        grid = positions.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if (side, side) != (grid_height, grid_width):
+            grid = F.interpolate(grid, size=(grid_height, grid_width), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        hidden_states = self.patch_embed(pixel_values).permute(0, 2, 3, 1)
+        batch, grid_height, grid_width, width = hidden_states.shape
+        hidden_states = hidden_states + self.resized_position_embedding(grid_height, grid_width)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        hidden_states = hidden_states.reshape(batch, grid_height * grid_width, width)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states)
+            else:
+                hidden_states = layer(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states.reshape(batch, grid_height, grid_width, width),)
+        hidden_states = hidden_states.reshape(batch, grid_height, grid_width, width).permute(0, 3, 1, 2)
+        return self.neck(hidden_states), all_hidden_states
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt encoder
+# ----------------------------------------------------------------------------------------------
+
+
+class EfficientSamPositionalEmbedding(nn.Module):
+    """Random Fourier features of normalized (x, y) coordinates: [sin, cos] of 2 pi (2c - 1) G."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_features))
+
+    def forward(self, coordinates: torch.Tensor) -> torch.Tensor:
+        coordinates = 2 * coordinates - 1
+        coordinates = coordinates.to(self.positional_encoding_gaussian_matrix.dtype)
+        coordinates = 2 * math.pi * (coordinates @ self.positional_encoding_gaussian_matrix)
+        return torch.cat([torch.sin(coordinates), torch.cos(coordinates)], dim=-1)
+
+
+class EfficientSamPromptEncoder(nn.Module):
+    def __init__(self, config: EfficientSamPromptEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.shared_embedding = EfficientSamPositionalEmbedding(config.hidden_size // 2)
+        self.invalid_point_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.point_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.box_top_left_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.box_bottom_right_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
+
+    def dense_positional_embedding(self) -> torch.Tensor:
+        """(1, C, h, w) encoding of the centres of the image-embedding grid cells."""
+        size = self.config.image_embedding_size
+        device = self.shared_embedding.positional_encoding_gaussian_matrix.device
+        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+        grid = torch.stack(
+            [centres[None, :].expand(size, size), centres[:, None].expand(size, size)], dim=-1
+        )  # (h, w, 2) as (x, y)
+        return self.shared_embedding(grid).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Embed (..., P, 2) points in the model input frame with (..., P) labels into (..., P, C)."""
+        coordinates = (points + 0.5) / self.config.image_size
+        embeddings = self.shared_embedding(coordinates)
+        labels = labels[..., None]
+        embeddings = embeddings + self.invalid_point_embed * (labels == LABEL_PADDING)
+        embeddings = embeddings + self.point_embed * (labels == LABEL_POSITIVE)
+        embeddings = embeddings + self.box_top_left_embed * (labels == LABEL_BOX_TOP_LEFT)
+        embeddings = embeddings + self.box_bottom_right_embed * (labels == LABEL_BOX_BOTTOM_RIGHT)
+        return embeddings
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask decoder
+# ----------------------------------------------------------------------------------------------
+
+
+class EfficientSamMlp(nn.Module):
+    """`num_layers - 1` (Linear, GELU) blocks followed by a final Linear named `fc`."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, act: str = "gelu"):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(dims[i], dims[i + 1]), _activation(act)) for i in range(num_layers - 1)
+        )
+        self.fc = nn.Linear(dims[-1], output_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.fc(hidden_states)
+
+
+class EfficientSamDecoderAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections to an internal width."""
+
+    def __init__(self, hidden_size: int, num_heads: int, downsample_rate: int = 1):
+        super().__init__()
+        internal = hidden_size // downsample_rate
+        if internal % num_heads:
+            raise ValueError(f"attention width {internal} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, internal)
+        self.k_proj = nn.Linear(hidden_size, internal)
+        self.v_proj = nn.Linear(hidden_size, internal)
+        self.out_proj = nn.Linear(internal, hidden_size)
+        self.use_sdpa = True
+
+    def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        *lead, tokens, width = projected.shape
+        return projected.reshape(*lead, tokens, self.num_heads, width // self.num_heads).transpose(-3, -2)
+
+    def attend(self, query, key, value, return_weights: bool = False):
+        """Attention over already projected and head-split tensors; returns (output, weights)."""
+        attended, weights = _attention(query, key, value, self.use_sdpa, return_weights)
+        attended = attended.transpose(-3, -2)
+        return self.out_proj(attended.reshape(*attended.shape[:-2], -1)), weights
+
+    def forward(self, query, key, value, return_weights: bool = False):
+        return self.attend(
+            self.split_heads(self.q_proj(query)),
+            self.split_heads(self.k_proj(key)),
+            self.split_heads(self.v_proj(value)),
+            return_weights,
+        )
+
+
+class EfficientSamTwoWayLayer(nn.Module):
+    def __init__(self, config: EfficientSamMaskDecoderConfig, add_token_pe: bool):
+        super().__init__()
+        width, heads = config.hidden_size, config.num_attention_heads
+        rate = config.attention_downsample_rate
+        self.add_token_pe = add_token_pe
+        self.self_attn = EfficientSamDecoderAttention(width, heads)
+        self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.cross_attn_token_to_image = EfficientSamDecoderAttention(width, heads, rate)
+        self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.mlp = EfficientSamMlp(width, config.mlp_dim, width, num_layers=2, act=config.hidden_act)
+        self.norm3 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.cross_attn_image_to_token = EfficientSamDecoderAttention(width, heads, rate)
+        self.norm4 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False):
+        """One two-way layer.
+
+        tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
+        still the same for every query of an image, as in the first layer) else (B, Q, HW, C).
+        image_pe: (1, HW, C).
+        """
+        batch, queries, num_tokens, width = tokens.shape
+        if self.add_token_pe:
+            tokens = tokens + token_pe
+        attended, _ = self.self_attn(tokens, tokens, tokens)
+        tokens = self.norm1(tokens + attended)
+
+        cross = self.cross_attn_token_to_image
+        image_keys = image + image_pe
+        query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
+        if shared_image:
+            # Keys and values depend on the image only: project once per image and let every query of
+            # the image attend in one call (rows of a softmax are independent, so this is exact).
+            key = cross.split_heads(cross.k_proj(image_keys))  # (B, H, HW, d)
+            value = cross.split_heads(cross.v_proj(image))
+            heads, head_dim = query.shape[2], query.shape[-1]
+            stacked = query.permute(0, 2, 1, 3, 4).reshape(batch, heads, queries * num_tokens, head_dim)
+            attended, weights = _attention(stacked, key, value, cross.use_sdpa, return_weights)
+            attended = attended.reshape(batch, heads, queries, num_tokens, head_dim).permute(0, 2, 3, 1, 4)
+            attended = cross.out_proj(attended.reshape(batch, queries, num_tokens, -1))
+            if weights is not None:
+                weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
+        else:
+            key = cross.split_heads(cross.k_proj(image_keys))
+            value = cross.split_heads(cross.v_proj(image))
+            attended, weights = cross.attend(query, key, value, return_weights)
+        tokens = self.norm2(tokens + attended)
+        tokens = self.norm3(tokens + self.mlp(tokens))
+
+        back = self.cross_attn_image_to_token
+        token_keys = tokens + token_pe
+        key = back.split_heads(back.k_proj(token_keys))  # (B, Q, H, T, d)
+        value = back.split_heads(back.v_proj(tokens))
+        query = back.split_heads(back.q_proj(image_keys))  # (B, H, HW, d) shared or (B, Q, H, HW, d)
+        if shared_image:
+            query = query.unsqueeze(1).expand(-1, queries, -1, -1, -1)
+            image = image.unsqueeze(1)
+        attended, _ = back.attend(query, key, value)
+        image = self.norm4(image + attended)
+        return tokens, image, weights
+
+
+class EfficientSamTwoWayTransformer(nn.Module):
+    def __init__(self, config: EfficientSamMaskDecoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EfficientSamTwoWayLayer(config, add_token_pe=index > 0) for index in range(config.num_hidden_layers)
+        )
+        self.final_attn_token_to_image = EfficientSamDecoderAttention(
+            config.hidden_size, config.num_attention_heads, config.attention_downsample_rate
+        )
+        self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, tokens, image, image_pe, return_weights: bool = False):
+        """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C)."""
+        token_pe = tokens
+        all_weights = []
+        for index, layer in enumerate(self.layers):
+            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights)
+            all_weights.append(weights)
+        if image.dim() == 3:  # no two-way layer: the image stream is still shared
+            image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
+        attended, weights = self.final_attn_token_to_image(
+            tokens + token_pe, image + image_pe, image, return_weights
+        )
+        all_weights.append(weights)
+        tokens = self.norm_final_attn(tokens + attended)
+        return tokens, image, (tuple(all_weights) if return_weights else None)
+
+
+class EfficientSamMaskDecoder(nn.Module):
+    def __init__(self, config: EfficientSamMaskDecoderConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.iou_token = nn.Parameter(torch.zeros(1, width))
+        self.mask_tokens = nn.Parameter(torch.zeros(self.num_mask_tokens, width))
+        self.transformer = EfficientSamTwoWayTransformer(config)
+        first, second = config.upscaling_dims
+        self.upscale_conv1 = nn.ConvTranspose2d(width, first, kernel_size=2, stride=2)
+        self.upscale_norm = nn.GroupNorm(1, first, eps=config.layer_norm_eps)
+        self.upscale_conv2 = nn.ConvTranspose2d(first, second, kernel_size=2, stride=2)
+        self.upscale_act = _activation(config.hidden_act)
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            EfficientSamMlp(width, width, second, num_layers=3, act=config.hidden_act)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = EfficientSamMlp(
+            width, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth, act=config.hidden_act
+        )
+
+    def forward(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions=False):
+        """image_embeddings (B, C, h, w), image_pe (1, C, h, w), prompt_embeddings (B, Q, P, C)."""
+        batch, queries = prompt_embeddings.shape[:2]
+        width, height, grid_width = image_embeddings.shape[1:]
+        output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
+        output_tokens = output_tokens.expand(batch, queries, -1, -1)
+        tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
+
+        image = image_embeddings.flatten(2).transpose(1, 2)
+        image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
+        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions)
+
+        iou_token_out = tokens[:, :, 0]
+        mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
+        upscaled = image.transpose(-1, -2).reshape(batch * queries, width, height, grid_width)
+        upscaled = self.upscale_act(self.upscale_norm(self.upscale_conv1(upscaled)))
+        upscaled = self.upscale_act(self.upscale_conv2(upscaled))
+        channels, mask_height, mask_width = upscaled.shape[1:]
+        upscaled = upscaled.reshape(batch, queries, channels, mask_height, mask_width)
+
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, :, index]) for index, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
+        )  # (B, Q, masks, channels)
+        masks = torch.matmul(hyper_in, upscaled.flatten(3)).reshape(batch, queries, -1, mask_height, mask_width)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        if multimask_output:
+            masks, iou_pred = masks[:, :, 1:], iou_pred[:, :, 1:]
+        else:
+            masks, iou_pred = masks[:, :, :1], iou_pred[:, :, :1]
+        output_token_states = tokens[:, :, : 1 + self.num_mask_tokens]
+        return masks, iou_pred, attentions, output_token_states, upscaled
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class EfficientSamPreTrainedModel(PreTrainedModel):
+    config_class = EfficientSamConfig
+    base_model_prefix = "efficientsam"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["EfficientSamVisionLayer", "EfficientSamTwoWayLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, EfficientSamLayerNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, EfficientSamVisionEncoder):
+            nn.init.trunc_normal_(module.pos_embed, std=std)
+        elif isinstance(module, EfficientSamPromptEncoder):
+            for parameter in (module.invalid_point_embed, module.point_embed, module.box_top_left_embed,
+                              module.box_bottom_right_embed):
+                nn.init.normal_(parameter, std=1.0)
+        elif isinstance(module, EfficientSamPositionalEmbedding):
+            module.positional_encoding_gaussian_matrix.normal_()
+        elif isinstance(module, EfficientSamMaskDecoder):
+            nn.init.normal_(module.iou_token, std=1.0)
+            nn.init.normal_(module.mask_tokens, std=1.0)
+
+
+class EfficientSamModel(EfficientSamPreTrainedModel):
+    """EfficientSAM: image encoder, prompt encoder and mask decoder; prompts are points and boxes.
+
+    Prompts are in the model input frame (`config.image_size` square, 1024 for the released models);
+    `EfficientSamProcessor` rescales prompts given in original-image pixels or in [0, 1].
+
+    Queries and padding: every image has Q queries. A query is up to `max_num_points` (6) points with
+    labels (1 positive, 0 negative, 2 box top-left, 3 box bottom-right, -1 padding point); a box in
+    `input_boxes` becomes two corner points labelled 2 and 3 and goes before the query's points.
+    A padded query (for images with fewer than Q queries) is one whose labels are all -1, or whose box
+    is all negative (e.g. (-1, -1, -1, -1)) when only boxes are given. Queries are decoded
+    independently, so a padded query cannot change any real query's output; its own outputs are
+    meaningless and must be ignored (the training collator's `query_mask` does that).
+    """
+
+    def __init__(self, config: EfficientSamConfig):
+        super().__init__(config)
+        self.vision_encoder = EfficientSamVisionEncoder(config.vision_config)
+        self.prompt_encoder = EfficientSamPromptEncoder(config.prompt_encoder_config)
+        self.mask_decoder = EfficientSamMaskDecoder(config.mask_decoder_config)
+        self.post_init()
+
+    # -- attention implementation ------------------------------------------------------------
+    def _apply_attention_implementation(self) -> None:
+        use_sdpa = getattr(self.config, "_attn_implementation", None) in (None, "sdpa")
+        for module in self.modules():
+            if isinstance(module, (EfficientSamVisionAttention, EfficientSamDecoderAttention)):
+                module.use_sdpa = use_sdpa
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized pixels -> (B, C, h, w) image embeddings."""
+        self._check_pixel_values(pixel_values)
+        self._apply_attention_implementation()
+        return self.vision_encoder(pixel_values)[0]
+
+    def get_dense_positional_embedding(self) -> torch.Tensor:
+        return self.prompt_encoder.dense_positional_embedding()
+
+    # -- input checks -----------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.vision_config.image_size
+        channels = self.config.vision_config.num_channels
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, {size}, {size}); got {tuple(pixel_values.shape)}. "
+                "Use EfficientSamImageProcessor to resize and normalize images."
+            )
+
+    def _prompts_to_points(self, input_points, input_labels, input_boxes, batch_size):
+        """Validate prompts and return (points (B, Q, P, 2), labels (B, Q, P)) padded to max_num_points."""
+        max_points = self.config.prompt_encoder_config.max_num_points
+        if input_points is None and input_boxes is None:
+            raise ValueError("give at least one prompt: input_points (with input_labels) or input_boxes")
+        if (input_points is None) != (input_labels is None):
+            raise ValueError("input_points and input_labels must be given together")
+        parts_points, parts_labels = [], []
+        if input_boxes is not None:
+            if input_boxes.dim() != 3 or input_boxes.shape[-1] != 4:
+                raise ValueError(
+                    f"input_boxes must have shape (batch, queries, 4) as x1, y1, x2, y2; got {tuple(input_boxes.shape)}"
+                )
+            boxes = input_boxes.to(torch.float32)
+            corners = boxes.reshape(*boxes.shape[:2], 2, 2)
+            padded = (boxes < 0).all(dim=-1, keepdim=True)
+            labels = torch.tensor([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], device=boxes.device)
+            labels = labels.expand(*boxes.shape[:2], 2).masked_fill(padded, LABEL_PADDING)
+            corners = corners.masked_fill(padded[..., None], -1.0)
+            parts_points.append(corners)
+            parts_labels.append(labels)
+        if input_points is not None:
+            if input_points.dim() != 4 or input_points.shape[-1] != 2:
+                raise ValueError(
+                    f"input_points must have shape (batch, queries, points, 2) as x, y; got {tuple(input_points.shape)}"
+                )
+            if input_labels.shape != input_points.shape[:-1]:
+                raise ValueError(
+                    f"input_labels must have shape {tuple(input_points.shape[:-1])} (one label per point); "
+                    f"got {tuple(input_labels.shape)}"
+                )
+            labels = input_labels.to(torch.long)
+            bad = ~torch.isin(labels, torch.tensor(VALID_LABELS, device=labels.device))
+            if bad.any():
+                raise ValueError(
+                    f"input_labels must be in {VALID_LABELS} (-1 padding, 0 negative, 1 positive, 2 box top-left, "
+                    f"3 box bottom-right); got {sorted(set(labels[bad].tolist()))}"
+                )
+            parts_points.append(input_points.to(torch.float32))
+            parts_labels.append(labels)
+        if len(parts_points) == 2 and parts_points[0].shape[:2] != parts_points[1].shape[:2]:
+            raise ValueError(
+                f"input_boxes {tuple(input_boxes.shape)} and input_points {tuple(input_points.shape)} must have the "
+                "same batch and query dimensions when combined (the box goes first in each query)"
+            )
+        points = torch.cat(parts_points, dim=2)
+        labels = torch.cat(parts_labels, dim=2)
+        if points.shape[0] != batch_size:
+            raise ValueError(f"prompts are for {points.shape[0]} images but {batch_size} images were given")
+        if points.shape[2] > max_points:
+            raise ValueError(
+                f"a query has at most {max_points} points (a box counts as 2); got {points.shape[2]} per query"
+            )
+        missing = max_points - points.shape[2]
+        if missing:
+            points = F.pad(points, (0, 0, 0, missing), value=-1.0)
+            labels = F.pad(labels, (0, missing), value=LABEL_PADDING)
+        return points, labels
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        image_embeddings: Optional[torch.FloatTensor] = None,
+        input_points: Optional[torch.FloatTensor] = None,
+        input_labels: Optional[torch.LongTensor] = None,
+        input_boxes: Optional[torch.FloatTensor] = None,
+        multimask_output: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        r"""Segment the prompted objects.
+
+        Args:
+            pixel_values (`(B, 3, S, S)`): normalized images from `EfficientSamImageProcessor`.
+            image_embeddings (`(B, C, h, w)`): precomputed `get_image_embeddings` output, used instead
+                of `pixel_values` (give exactly one of the two).
+            input_points (`(B, Q, P, 2)`): point prompts (x, y) in the S x S input frame, P <= 6.
+            input_labels (`(B, Q, P)`): 1 positive, 0 negative, 2 / 3 box corners, -1 padding.
+            input_boxes (`(B, Q, 4)`): boxes (x1, y1, x2, y2) in the input frame; all-negative rows
+                are padded queries.
+            multimask_output (`bool`): 3 candidates per query (True) or the single-mask output.
+            output_attentions (`bool`): also return the decoder's token-to-image attention maps.
+            output_hidden_states (`bool`): also return encoder hidden states and the decoder's output
+                tokens and upscaled embeddings.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError(
+                "give exactly one of pixel_values (B, 3, S, S) or image_embeddings (B, C, h, w); got "
+                + ("both" if pixel_values is not None else "neither")
+            )
+        self._apply_attention_implementation()
+        vision_hidden_states = None
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
+            image_embeddings, vision_hidden_states = self.vision_encoder(pixel_values, output_hidden_states)
+        else:
+            width = self.config.mask_decoder_config.hidden_size
+            grid = self.config.image_embedding_size
+            if image_embeddings.dim() != 4 or tuple(image_embeddings.shape[1:]) != (width, grid, grid):
+                raise ValueError(
+                    f"image_embeddings must have shape (batch, {width}, {grid}, {grid}); "
+                    f"got {tuple(image_embeddings.shape)}"
+                )
+        points, labels = self._prompts_to_points(input_points, input_labels, input_boxes, image_embeddings.shape[0])
+        prompt_embeddings = self.prompt_encoder(points, labels)
+        if torch.is_autocast_enabled(prompt_embeddings.device.type):
+            prompt_embeddings = prompt_embeddings.to(torch.get_autocast_dtype(prompt_embeddings.device.type))
+        else:
+            prompt_embeddings = prompt_embeddings.to(image_embeddings.dtype)
+        image_pe = self.prompt_encoder.dense_positional_embedding()
+        masks, iou_scores, attentions, token_states, upscaled = self.mask_decoder(
+            image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions
+        )
+        output = EfficientSamImageSegmentationOutput(
+            iou_scores=iou_scores,
+            pred_masks=masks,
+            image_embeddings=image_embeddings,
+            vision_hidden_states=vision_hidden_states,
+            mask_decoder_attentions=attentions,
+            mask_decoder_output_tokens=token_states if output_hidden_states else None,
+            upscaled_embeddings=upscaled if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["EfficientSamImageSegmentationOutput", "EfficientSamModel", "EfficientSamPreTrainedModel"]
