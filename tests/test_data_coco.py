@@ -496,3 +496,9 @@ def test_conflicting_categories_across_splits_are_fatal(tmp_path, coco_writer):
     with pytest.raises(CocoValidationError, match="category id 1"):
         prepare_coco_dataset({"train": (train, tmp_path / "train"), "validation": (validation, tmp_path / "validation")},
                              tmp_path / "out")
+
+
+def test_a_split_without_images_is_fatal(tmp_path, coco_writer):
+    path = coco_writer(tmp_path / "src", [], [])
+    with pytest.raises(CocoValidationError, match=r"lists no image.*Fix"):
+        prepare_coco_dataset({"validation": (path, tmp_path / "src")}, tmp_path / "out")

@@ -116,12 +116,25 @@ def _examples(split, resolved: dict, class_index: dict):
             "file_name": image.file_name,
             "width": image.width,
             "height": image.height,
-            "objects": [
-                {**{k: v for k, v in obj.items() if k != "category_id"}, "category": class_index[obj["category_id"]],
-                 "category_id": obj["category_id"]}
-                for obj in image.objects
-            ],
+            "objects": [{**obj, "category": class_index[obj["category_id"]]} for obj in image.objects],
         }
+
+
+def _generate_split(name, split, resolved, class_index, features, cache_dir, fingerprint) -> datasets.Dataset:
+    """Write one split through a generator (one decoded image in memory at a time) into ``cache_dir``."""
+    try:
+        return datasets.Dataset.from_generator(
+            _examples,
+            features=features,
+            cache_dir=cache_dir,
+            gen_kwargs={"split": split, "resolved": resolved, "class_index": class_index},
+            split=datasets.NamedSplit(name),
+            fingerprint=fingerprint,
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, CocoValidationError):
+            raise error.__cause__ from None
+        raise
 
 
 def _replace_directory(source: str, target: str) -> None:
@@ -170,6 +183,11 @@ def prepare_coco_dataset(
         name: load_coco_split(annotations, images_dir, strict, box_mask_iou_threshold, data=loaded[name])
         for name, (annotations, images_dir) in splits.items()
     }
+    for name, split in parsed.items():
+        if not split.images:  # a saved DatasetDict cannot hold an empty split
+            raise CocoValidationError(
+                f"{split.annotations_path}: images: the {name} split lists no image. Fix: add images or leave the split out."
+            )
     categories = _merge_categories(parsed)
     class_index = {category_id: index for index, category_id in enumerate(categories)}
     resolved = {
@@ -194,19 +212,8 @@ def prepare_coco_dataset(
     try:
         built = {}
         for name, split in parsed.items():
-            try:
-                dataset = datasets.Dataset.from_generator(
-                    _examples,
-                    features=features,
-                    cache_dir=os.path.join(work, "generator_cache"),
-                    gen_kwargs={"split": split, "resolved": resolved[name], "class_index": class_index},
-                    split=datasets.NamedSplit(name),
-                    fingerprint=f"{fingerprint}-{name}",
-                )
-            except datasets.exceptions.DatasetGenerationError as error:
-                if isinstance(error.__cause__, CocoValidationError):
-                    raise error.__cause__ from None
-                raise
+            dataset = _generate_split(name, split, resolved[name], class_index, features,
+                                      os.path.join(work, "generator_cache"), f"{fingerprint}-{name}")
             dataset.info.description = description
             built[name] = dataset
         staged = os.path.join(work, "dataset")
@@ -231,7 +238,8 @@ def load_or_prepare(
 
     Reuse requires the fingerprint in ``output_dir/report.json`` to equal the fingerprint of the
     current inputs (annotation file contents, image file names/sizes/mtimes, options, split names).
-    ``force=True`` always converts.
+    ``force=True`` always converts. With several processes (distributed training), call it on the
+    main process first (``accelerator.main_process_first()``) so only one of them converts.
     """
     splits = _normalise_splits(splits)
     options = {"strict": bool(strict), "box_mask_iou_threshold": float(box_mask_iou_threshold)}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 from .masks import encode_mask
 
@@ -234,8 +235,6 @@ def render_sample(rng, width: int = 320, height: int = 240, num_components=(4, 9
 
 
 def _annotations(sample: SyntheticSample, image_id: int, first_annotation_id: int) -> list:
-    from pycocotools import mask as mask_utils
-
     annotations = []
     for k, component in enumerate(sample.components):
         visible = sample.label_map == k + 1

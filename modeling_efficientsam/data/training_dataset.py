@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..image_utils import to_rgb_array
 from .masks import decode_rle, resize_mask
@@ -134,8 +135,6 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
         image = to_rgb_array(self._images[index]["image"], apply_exif=False)  # stored upright already
         if self.image_processor is None:
             return efficientsam_pixel_values(image, self.image_size)
-        from PIL import Image
-
         pixel_values = self.image_processor(Image.fromarray(image), return_tensors="pt")["pixel_values"][0]
         if tuple(pixel_values.shape) != (3, self.image_size, self.image_size):
             raise ValueError(
