@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     convert = load_or_prepare if args.reuse else prepare_coco_dataset
     try:
         dataset = convert(splits, args.output_dir, strict=args.strict, box_mask_iou_threshold=args.box_mask_iou_threshold)
-    except CocoValidationError as error:
+    except (CocoValidationError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(read_report(args.output_dir)))

@@ -137,16 +137,23 @@ def _generate_split(name, split, resolved, class_index, features, cache_dir, fin
         raise
 
 
+def _check_replaceable(target: str) -> None:
+    """Only a missing path, an empty directory or a saved DatasetDict may be (re)placed."""
+    if not os.path.lexists(target):
+        return
+    if not os.path.isdir(target):
+        raise FileExistsError(f"output path {target} exists and is not a directory")
+    if os.listdir(target) and not os.path.exists(os.path.join(target, "dataset_dict.json")):
+        raise FileExistsError(
+            f"output directory {target} is not empty and does not hold a prepared dataset; "
+            "choose another --output_dir or empty it"
+        )
+
+
 def _replace_directory(source: str, target: str) -> None:
     """Move ``source`` to ``target``, replacing what was there, never leaving ``target`` half-written."""
+    _check_replaceable(target)
     if os.path.lexists(target):
-        if not os.path.isdir(target):
-            raise FileExistsError(f"output path {target} exists and is not a directory")
-        if os.listdir(target) and not os.path.exists(os.path.join(target, "dataset_dict.json")):
-            raise FileExistsError(
-                f"output directory {target} is not empty and does not hold a prepared dataset; "
-                "choose another --output_dir or empty it"
-            )
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
         os.rename(target, os.path.join(old, "previous"))
         os.rename(source, target)
@@ -176,6 +183,7 @@ def prepare_coco_dataset(
     """
     splits = _normalise_splits(splits)
     output_dir = os.path.abspath(os.fspath(output_dir))
+    _check_replaceable(output_dir)  # fail before converting, not after
     options = {"strict": bool(strict), "box_mask_iou_threshold": float(box_mask_iou_threshold)}
 
     loaded = {name: read_coco_json(annotations) for name, (annotations, _) in splits.items()}
