@@ -448,7 +448,9 @@ def _build_split(model, split, name, directory, fingerprint, split_fp, model_nam
         if list(embeddings.shape[1:]) != shape:
             raise RuntimeError(f"the encoder returned embeddings of shape {tuple(embeddings.shape[1:])}, expected {tuple(shape)}")
         data = save({"embeddings": embeddings.contiguous(), "image_ids": torch.tensor(image_ids[rows.start:rows.stop])},
-                    metadata={"fingerprint": fingerprint["fingerprint"], "split": name, "start": str(rows.start)})
+                    # One key only: safetensors orders metadata keys arbitrarily, and shard bytes must be reproducible.
+                    metadata={"efficientsam_embedding_cache": json.dumps(
+                        {"fingerprint": fingerprint["fingerprint"], "split": name, "start": rows.start}, sort_keys=True)})
         _write_atomic(os.path.join(directory, _shard_name(index)), data)
         manifest["shards"][str(index)] = {"file": _shard_name(index), "start": rows.start, "stop": rows.stop,
                                           "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
