@@ -79,6 +79,13 @@ class EfficientSamProcessor(ProcessorMixin):
             image_processor = EfficientSamImageProcessor()
         super().__init__(image_processor, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "EfficientSamProcessor":
+        """Load the processor saved beside a model (a folder or a Hub repo)."""
+        from .image_processing_efficientsam import EfficientSamImageProcessor
+
+        return cls(EfficientSamImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs))
+
     @property
     def size(self) -> int:
         return self.image_processor.size

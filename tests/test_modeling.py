@@ -1,0 +1,456 @@
+"""EfficientSamModel: parity with the original implementation, save/load, gradients, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_efficientsam import (
+    EfficientSamConfig,
+    EfficientSamImageProcessor,
+    EfficientSamModel,
+    EfficientSamProcessor,
+)
+from modeling_efficientsam.convert_efficientsam_to_hf import (
+    DECODER_IOU_TOLERANCE,
+    DECODER_MASK_AGREEMENT,
+    DECODER_MEDIAN_TOLERANCE,
+    compare_with_reference,
+    convert_key,
+    convert_state_dict,
+    format_report,
+    load_original_state_dict,
+)
+
+FIXTURES = "fixtures/efficientsam_reference"
+
+
+def tiny_config(**overrides) -> EfficientSamConfig:
+    """A small random architecture (64 px input) for fast structural tests.
+
+    Weights are drawn with a large spread so that outputs react visibly to every input.
+    """
+    overrides.setdefault("initializer_range", 0.3)
+    return EfficientSamConfig(
+        vision_config={"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "neck_hidden_sizes": [32, 32], "pretrain_image_size": 64},
+        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "image_embedding_size": 4},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "iou_head_hidden_dim": 32,
+                             "upscaling_dims": [16, 8]},
+        **overrides,
+    )
+
+
+def reference_model(shared_path, name: str, attn_implementation: str):
+    folder = shared_path(FIXTURES)
+    original = load_original_state_dict(folder / f"reference_{name}.pt")
+    with open(folder / f"reference_{name}_config.json") as handle:
+        config = EfficientSamConfig.from_original_config(json.load(handle))
+    config._attn_implementation = attn_implementation
+    model = EfficientSamModel(config).eval()
+    model.load_state_dict(convert_state_dict(original), strict=True)
+    model.config._attn_implementation = attn_implementation
+    processor = EfficientSamProcessor(EfficientSamImageProcessor(size=config.image_size))
+    return model, processor, folder / f"reference_{name}_io.safetensors"
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["tiny", "vitt"])
+def test_reproduces_reference_fixtures(shared_path, name, attn_implementation):
+    model, processor, io_path = reference_model(shared_path, name, attn_implementation)
+    report = compare_with_reference(model, processor, str(io_path))
+    summary = f"{name}/{attn_implementation}: {format_report(report)}"
+    print(summary)
+    # The encoder is well conditioned: every embedding value within 1e-4.
+    assert report["image_embeddings"]["max"] <= 1e-4, summary
+    for key in ("low_res_masks", "low_res_masks_single", "masks_original_size"):
+        assert report[key]["median"] <= DECODER_MEDIAN_TOLERANCE, summary
+        assert report[key]["sign_agreement"] >= DECODER_MASK_AGREEMENT, summary
+    for key in ("iou_predictions", "iou_predictions_single", "iou_predictions_full"):
+        assert report[key]["max"] <= DECODER_IOU_TOLERANCE, summary
+    if name == "tiny":
+        # The small fixture is far less sensitive: hold it to much tighter bounds.
+        for key in ("low_res_masks", "low_res_masks_single"):
+            assert report[key]["max"] <= 2e-3, summary
+            assert report[key]["sign_agreement"] == 1.0, summary
+        for key in ("iou_predictions", "iou_predictions_single", "iou_predictions_full"):
+            assert report[key]["max"] <= 2e-4, summary
+
+
+def test_fixture_decoder_is_sensitive_below_float32(shared_path):
+    """Why the decoder is compared by median / agreement: float32 vs float64 of the same model
+    already differ by more than 1e-4, so no float32 port can match every logit to 1e-4."""
+    from safetensors.torch import load_file
+
+    model, processor, io_path = reference_model(shared_path, "tiny", "eager")
+    reference = load_file(str(io_path))
+    inputs = processor(images=[i.permute(1, 2, 0).numpy() for i in reference["images_uint8"]],
+                       input_points=reference["points"], input_labels=reference["point_labels"])
+    prompts = {"input_points": inputs["input_points"], "input_labels": inputs["input_labels"]}
+    with torch.no_grad():
+        single = model(image_embeddings=reference["image_embeddings"], **prompts).pred_masks
+        double = model.double()(image_embeddings=reference["image_embeddings"].double(), **prompts).pred_masks
+    gap = (single.double() - double).abs().max().item()
+    print(f"float32 vs float64 largest mask-logit difference: {gap:.2e}")
+    assert gap > 1e-4
+
+
+def test_every_original_key_maps_onto_a_parameter_of_the_same_shape(shared_path):
+    for variant in ("vitt", "vits"):
+        with open(shared_path(FIXTURES) / f"original_keys_{variant}.json") as handle:
+            shapes = json.load(handle)
+        model = EfficientSamModel(EfficientSamConfig.from_variant(variant))
+        state = model.state_dict()
+        mapped = {convert_key(key): tuple(shape) for key, shape in shapes.items()}
+        assert None not in mapped, [k for k in shapes if convert_key(k) is None]
+        assert set(mapped) == set(state), set(mapped) ^ set(state)
+        wrong = {k: (s, tuple(state[k].shape)) for k, s in mapped.items() if tuple(state[k].shape) != s}
+        assert not wrong, wrong
+        expected = {"vitt": 10_223_204, "vits": 26_413_028}[variant]
+        # the published counts leave out the fixed Fourier matrix (2 x 128), a buffer
+        assert model.num_parameters() == expected
+        assert sum(int(torch.tensor(s).prod()) for s in shapes.values()) == expected + 256
+
+
+def test_conversion_cli_writes_a_loadable_folder(shared_path, tmp_path):
+    folder = shared_path(FIXTURES)
+    output = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_efficientsam.convert_efficientsam_to_hf",
+         "--checkpoint", str(folder / "reference_tiny.pt"),
+         "--original_config", str(folder / "reference_tiny_config.json"),
+         "--reference_io", str(folder / "reference_tiny_io.safetensors"),
+         "--output_dir", str(output)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    ok_lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
+    assert len(ok_lines) >= 6, result.stdout
+    assert {p.name for p in output.iterdir()} >= {"config.json", "model.safetensors", "processor_config.json"}
+    model = EfficientSamModel.from_pretrained(output)
+    assert model.config.image_size == 128
+    assert not list(tmp_path.glob(".converted.*")), "the staging folder was left behind"
+
+
+def test_conversion_rejects_wrong_variant_and_unknown_architecture(shared_path, tmp_path):
+    from modeling_efficientsam.convert_efficientsam_to_hf import convert
+
+    folder = shared_path(FIXTURES)
+    with pytest.raises(ValueError, match="pass --original_config"):
+        convert(str(folder / "reference_tiny.pt"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="unknown original config keys"):
+        EfficientSamConfig.from_original_config({"img_size": 128, "mystery": 1})
+
+
+def test_conversion_reports_unmapped_keys():
+    with pytest.raises(KeyError, match="image_encoder.extra_thing"):
+        convert_state_dict({"image_encoder.extra_thing": torch.zeros(1)})
+
+
+def test_hub_file_paths_resolve_through_hf_hub_download(monkeypatch, tmp_path):
+    """Hub paths use huggingface_hub (offline here, so the call is intercepted)."""
+    import huggingface_hub
+
+    from modeling_efficientsam import convert_efficientsam_to_hf as convert_module
+
+    calls = {}
+
+    def fake_download(repo_id, filename, revision=None, cache_dir=None):
+        calls.update(repo_id=repo_id, filename=filename, revision=revision)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    path = convert_module.resolve_checkpoint("yunyangx/EfficientSAM/efficient_sam_vitt.pt")
+    assert calls == {"repo_id": "yunyangx/EfficientSAM", "filename": "efficient_sam_vitt.pt", "revision": None}
+    assert path.name == "efficient_sam_vitt.pt"
+
+
+def test_zipped_checkpoint_is_unpacked(shared_path, tmp_path):
+    import zipfile
+
+    source = shared_path(FIXTURES) / "reference_tiny.pt"
+    archive = tmp_path / "efficient_sam_tiny.pt.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.write(source, arcname="weights/efficient_sam_tiny.pt")
+    from_zip = load_original_state_dict(archive)
+    direct = load_original_state_dict(source)
+    assert from_zip.keys() == direct.keys()
+    assert all(torch.equal(from_zip[k], direct[k]) for k in direct)
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure and API on a small random model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return EfficientSamModel(tiny_config()).eval()
+
+
+def random_prompts(batch=2, queries=3, size=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.rand(batch, queries, 2, 2, generator=generator) * size
+    boxes = torch.cat([corners.min(2).values, corners.max(2).values + 1], dim=-1)
+    return boxes
+
+
+def test_output_shapes_and_optional_outputs(small_model):
+    pixels = torch.randn(2, 3, 64, 64)
+    boxes = random_prompts()
+    out = small_model(pixel_values=pixels, input_boxes=boxes, output_attentions=True, output_hidden_states=True)
+    assert out.pred_masks.shape == (2, 3, 3, 16, 16)
+    assert out.iou_scores.shape == (2, 3, 3)
+    assert out.image_embeddings.shape == (2, 32, 4, 4)
+    assert len(out.vision_hidden_states) == 3 and out.vision_hidden_states[0].shape == (2, 4, 4, 32)
+    assert len(out.mask_decoder_attentions) == 3  # two two-way layers + the final attention
+    for attention in out.mask_decoder_attentions:
+        assert attention.shape == (2, 3, 8, 11, 16)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2, 3, 8, 11))
+    assert out.mask_decoder_output_tokens.shape == (2, 3, 5, 32)
+    assert out.upscaled_embeddings.shape == (2, 3, 8, 16, 16)
+    single = small_model(pixel_values=pixels, input_boxes=boxes, multimask_output=False)
+    assert single.pred_masks.shape == (2, 3, 1, 16, 16)
+    assert single.iou_scores.shape == (2, 3, 1)
+    plain = small_model(pixel_values=pixels, input_boxes=boxes)
+    assert plain.mask_decoder_attentions is None and plain.upscaled_embeddings is None
+    assert isinstance(small_model(pixel_values=pixels, input_boxes=boxes, return_dict=False), tuple)
+
+
+def test_embeddings_path_equals_pixels_path(small_model):
+    pixels = torch.randn(2, 3, 64, 64)
+    boxes = random_prompts()
+    with torch.no_grad():
+        from_pixels = small_model(pixel_values=pixels, input_boxes=boxes)
+        embeddings = small_model.get_image_embeddings(pixels)
+        from_embeddings = small_model(image_embeddings=embeddings, input_boxes=boxes)
+    torch.testing.assert_close(from_pixels.pred_masks, from_embeddings.pred_masks, rtol=0, atol=0)
+
+
+def test_box_equals_its_two_labelled_corners(small_model):
+    embeddings = torch.randn(1, 32, 4, 4)
+    boxes = random_prompts(batch=1, queries=2)
+    points = boxes.reshape(1, 2, 2, 2)
+    labels = torch.tensor([[[2, 3], [2, 3]]])
+    with torch.no_grad():
+        a = small_model(image_embeddings=embeddings, input_boxes=boxes)
+        b = small_model(image_embeddings=embeddings, input_points=points, input_labels=labels)
+        c = small_model(image_embeddings=embeddings, input_points=points, input_labels=torch.ones_like(labels))
+    torch.testing.assert_close(a.pred_masks, b.pred_masks, rtol=0, atol=0)
+    assert (a.pred_masks - c.pred_masks).abs().max() > 1e-3 * a.pred_masks.abs().max(), "corner labels 2/3 must differ from positive points"
+
+
+def test_box_and_points_combine_box_first(small_model):
+    embeddings = torch.randn(1, 32, 4, 4)
+    boxes = random_prompts(batch=1, queries=1)
+    points = torch.tensor([[[[20.0, 30.0], [10.0, 12.0]]]])
+    labels = torch.tensor([[[1, 0]]])
+    with torch.no_grad():
+        combined = small_model(image_embeddings=embeddings, input_boxes=boxes, input_points=points, input_labels=labels)
+        manual = small_model(
+            image_embeddings=embeddings,
+            input_points=torch.cat([boxes.reshape(1, 1, 2, 2), points], dim=2),
+            input_labels=torch.tensor([[[2, 3, 1, 0]]]),
+        )
+    torch.testing.assert_close(combined.pred_masks, manual.pred_masks, rtol=0, atol=0)
+
+
+def test_padded_queries_cannot_change_real_ones(small_model):
+    embeddings = torch.randn(2, 32, 4, 4)
+    boxes = random_prompts(batch=2, queries=2)
+    padded = torch.cat([boxes, torch.full((2, 3, 4), -1.0)], dim=1)
+    with torch.no_grad():
+        alone = small_model(image_embeddings=embeddings, input_boxes=boxes)
+        with_padding = small_model(image_embeddings=embeddings, input_boxes=padded)
+    assert with_padding.pred_masks.shape[1] == 5
+    torch.testing.assert_close(with_padding.pred_masks[:, :2], alone.pred_masks, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_padding.iou_scores[:, :2], alone.iou_scores, rtol=0, atol=1e-6)
+    # a query's output depends only on its own prompts, also when real queries are reordered
+    with torch.no_grad():
+        swapped = small_model(image_embeddings=embeddings, input_boxes=boxes.flip(1))
+    torch.testing.assert_close(swapped.pred_masks.flip(1), alone.pred_masks, rtol=0, atol=1e-6)
+
+
+def test_sdpa_and_eager_agree(small_model):
+    pixels = torch.randn(1, 3, 64, 64)
+    boxes = random_prompts(batch=1)
+    with torch.no_grad():
+        small_model.config._attn_implementation = "eager"
+        eager = small_model(pixel_values=pixels, input_boxes=boxes)
+        small_model.config._attn_implementation = "sdpa"
+        sdpa = small_model(pixel_values=pixels, input_boxes=boxes)
+    torch.testing.assert_close(eager.pred_masks, sdpa.pred_masks, rtol=1e-4, atol=1e-4)
+
+
+def test_every_trainable_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = EfficientSamModel(tiny_config()).train()
+    points = torch.tensor([[[[10.0, 12.0], [40.0, 50.0]]]])
+    inputs = dict(pixel_values=torch.randn(1, 3, 64, 64), input_boxes=random_prompts(batch=1, queries=1),
+                  input_points=points, input_labels=torch.tensor([[[1, 0]]]))
+    total = 0
+    # the multimask candidates use mask tokens 1-3, the single-mask output token 0: use both
+    for multimask_output in (True, False):
+        out = model(**inputs, multimask_output=multimask_output)
+        total = total + out.pred_masks.square().mean() + out.iou_scores.sum()
+    total.backward()
+    # the prompts use every label (box corners 2/3, positive 1, negative 0, padding -1 up to 6 points)
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, missing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = EfficientSamModel(tiny_config()).train()
+    pixels = torch.randn(1, 3, 64, 64)
+    boxes = random_prompts(batch=1, queries=1)
+
+    def grads():
+        model.zero_grad()
+        model(pixel_values=pixels, input_boxes=boxes).pred_masks.sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.vision_encoder.gradient_checkpointing
+    checkpointed = grads()
+    model.gradient_checkpointing_disable()
+    assert plain.keys() == checkpointed.keys() and any(n.startswith("vision_encoder.layers") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_autocast_is_close_to_float32():
+    """Tolerance: bf16 keeps 8 mantissa bits, so logits are compared relative to their scale
+    (max error below 5% of the largest logit) and binary masks must agree on 97% of pixels."""
+    torch.manual_seed(0)
+    model = EfficientSamModel(tiny_config(initializer_range=0.05)).eval()
+    pixels, boxes = torch.randn(2, 3, 64, 64), random_prompts()
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_boxes=boxes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(pixel_values=pixels, input_boxes=boxes)
+    scale = reference.pred_masks.abs().max()
+    error = (low.pred_masks.float() - reference.pred_masks).abs().max()
+    agreement = ((low.pred_masks > 0) == (reference.pred_masks > 0)).float().mean()
+    print(f"bf16 autocast: max logit error {error:.3e} (scale {scale:.3e}), mask agreement {agreement:.4f}")
+    assert low.pred_masks.dtype == torch.bfloat16
+    assert error <= 0.05 * scale
+    assert agreement >= 0.97
+    assert (low.iou_scores.float() - reference.iou_scores).abs().max() <= 0.05 * reference.iou_scores.abs().max() + 1e-3
+
+
+def test_save_and_load_round_trip(tmp_path, small_model):
+    small_model.save_pretrained(tmp_path)
+    reloaded = EfficientSamModel.from_pretrained(tmp_path).eval()
+    pixels, boxes = torch.randn(1, 3, 64, 64), random_prompts(batch=1)
+    with torch.no_grad():
+        a, b = small_model(pixel_values=pixels, input_boxes=boxes), reloaded(pixel_values=pixels, input_boxes=boxes)
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.iou_scores, b.iou_scores)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "efficientsam"
+    assert saved["auto_map"]["AutoModel"].endswith("EfficientSamModel")
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_auto_classes_are_registered(tmp_path, small_model):
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    small_model.save_pretrained(tmp_path)
+    EfficientSamProcessor(EfficientSamImageProcessor(size=64)).save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "EfficientSamConfig"
+    assert isinstance(AutoModel.from_pretrained(tmp_path), EfficientSamModel)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, EfficientSamProcessor) and processor.size == 64
+
+
+def test_trust_remote_code_loading_without_the_package(tmp_path, small_model):
+    folder = tmp_path / "model"
+    small_model.save_pretrained(folder)
+    assert (folder / "modeling_efficientsam.py").exists() and (folder / "configuration_efficientsam.py").exists()
+    pixels = torch.randn(1, 3, 64, 64)
+    boxes = random_prompts(batch=1)
+    torch.save({"pixels": pixels, "boxes": boxes}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = small_model(pixel_values=pixels, input_boxes=boxes).pred_masks
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "modeling_efficientsam" or name.startswith("modeling_efficientsam."):
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        try:
+            import modeling_efficientsam  # noqa: F401
+            raise SystemExit("the package was importable")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "modeling_efficientsam" not in sys.modules
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        with torch.no_grad():
+            masks = model(pixel_values=inputs["pixels"], input_boxes=inputs["boxes"]).pred_masks
+        torch.save(masks, {str(tmp_path / 'masks.pt')!r})
+        print(type(model).__module__)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "transformers_modules" in result.stdout
+    assert torch.equal(torch.load(tmp_path / "masks.pt"), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "give exactly one of pixel_values"),
+        ({"pixel_values": torch.randn(1, 3, 64, 64), "image_embeddings": torch.randn(1, 32, 4, 4),
+          "input_boxes": torch.zeros(1, 1, 4)}, "got both"),
+        ({"pixel_values": torch.randn(1, 3, 32, 32), "input_boxes": torch.zeros(1, 1, 4)}, r"\(batch, 3, 64, 64\)"),
+        ({"image_embeddings": torch.randn(1, 16, 4, 4), "input_boxes": torch.zeros(1, 1, 4)}, r"\(batch, 32, 4, 4\)"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4)}, "give at least one prompt"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.zeros(1, 4)}, r"input_boxes must have shape \(batch, queries, 4\)"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2, 2)}, "given together"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2),
+          "input_labels": torch.zeros(1, 1)}, r"input_points must have shape \(batch, queries, points, 2\)"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2, 2),
+          "input_labels": torch.zeros(1, 1, 3)}, "one label per point"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2, 2),
+          "input_labels": torch.tensor([[[1, 7]]])}, r"got \[7\]"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 7, 2),
+          "input_labels": torch.ones(1, 1, 7)}, "at most 6 points"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.zeros(1, 1, 4),
+          "input_points": torch.zeros(1, 1, 5, 2), "input_labels": torch.ones(1, 1, 5)}, "at most 6 points"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.zeros(1, 2, 4),
+          "input_points": torch.zeros(1, 1, 1, 2), "input_labels": torch.ones(1, 1, 1)}, "same batch and query"),
+        ({"image_embeddings": torch.randn(2, 32, 4, 4), "input_boxes": torch.zeros(1, 1, 4)}, "prompts are for 1 images but 2"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(small_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_model(**kwargs)
+
+
+def test_config_presets_and_consistency():
+    vitt, vits = EfficientSamConfig.from_variant("vitt"), EfficientSamConfig.from_variant("vits")
+    assert EfficientSamConfig().to_dict()["vision_config"]["hidden_size"] == vitt.vision_config.hidden_size == 192
+    assert (vits.vision_config.hidden_size, vits.vision_config.num_attention_heads) == (384, 6)
+    assert vitt.image_embedding_size == 64 and vitt.low_res_mask_size == 256
+    with pytest.raises(ValueError, match="unknown EfficientSAM variant"):
+        EfficientSamConfig.from_variant("vith")
+    with pytest.raises(ValueError, match="must equal the image-embedding width"):
+        EfficientSamConfig(mask_decoder_config={"hidden_size": 128})
