@@ -90,7 +90,7 @@ class EfficientSamImageProcessor(BaseImageProcessor):
         for image in images:
             array = self.to_rgb(image)
             original_sizes.append(array.shape[:2])
-            tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+            tensor = torch.from_numpy(np.array(array, copy=not array.flags.writeable)).permute(2, 0, 1).unsqueeze(0)
             pixel_values.append(self.normalize_tensor(tensor))
         data = {
             "pixel_values": torch.cat(pixel_values),
