@@ -124,10 +124,84 @@ def bench_input_pipeline(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_embedding_cache(args) -> dict:
+    """Embedding cache on a wafer subset with a ViT-T-sized random model at 1024: build rate and size,
+    then training-input batches/s read from the cache vs decoded images + the encoder run live."""
+    from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
+    from modeling_efficientsam.data.embedding_cache import build_embedding_cache, embedding_reader
+
+    num_images, shard_size = args.cache_images, 4
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        train = prepare_coco_dataset({"train": wafer_splits(args.shared_dir)["train"]}, work / "wafer")["train"]
+        subset = datasets.DatasetDict({"train": train.select(range(num_images))})
+        torch.manual_seed(0)
+        model = EfficientSamModel(EfficientSamConfig.from_variant("vitt")).eval()  # random weights, ViT-T shapes
+        image_size = model.config.vision_config.image_size
+
+        start = time.perf_counter()
+        cache = build_embedding_cache(subset, model, dtype="bfloat16", batch_size=args.batch_size, shard_size=shard_size,
+                                      cache_root=work / "embeddings", device="cpu")
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        build_embedding_cache(subset, model, dtype="bfloat16", batch_size=args.batch_size, shard_size=shard_size,
+                              cache_root=work / "embeddings", device="cpu")  # everything reused after SHA-256 checks
+        reuse_s = time.perf_counter() - start
+        on_disk = sum(entry["bytes"] for entry in cache.metadata["train"]["shards"])
+
+        def batches_per_s(dataset, batches, encode):
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0,
+                                                 collate_fn=EfficientSamCollator(), generator=torch.Generator().manual_seed(0))
+            iterator = iter(loader)
+            next(iterator)  # first batch: file opening, allocator warm-up
+            start = time.perf_counter()
+            for _ in range(batches):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    iterator = iter(loader)
+                    batch = next(iterator)
+                if encode:
+                    with torch.no_grad():
+                        model.get_image_embeddings(batch["pixel_values"])
+            return batches / (time.perf_counter() - start)
+
+        options = dict(image_size=image_size, mask_size=image_size // 4, max_objects=10, prompt_mode="box")
+        cached = EfficientSamTrainingDataset(subset["train"], embedding_reader=embedding_reader(cache, "train"), **options)
+        live = EfficientSamTrainingDataset(subset["train"], **options)
+        cached_bps = batches_per_s(cached, args.batches, encode=False)
+        live_bps = batches_per_s(live, args.live_encoder_batches, encode=True)
+        return {
+            "data": f"first {num_images} images of wafer_defects train (640x640 JPEG)",
+            "load_average_1min_at_start": round(load, 2),  # a busy shared machine slows every number
+            "model": "EfficientSAM ViT-T architecture, random weights, float32 on CPU",
+            "image_size": image_size,
+            "embedding_shape": list(cache.metadata["train"]["shape"]),
+            "storage_dtype": "bfloat16",
+            "batch_size": args.batch_size,
+            "shard_size": shard_size,
+            "build_seconds": round(build_s, 2),
+            "build_images_per_s": round(num_images / build_s, 3),
+            "reuse_check_seconds": round(reuse_s, 3),
+            "mib_per_image": round(cache.bytes_per_image() / 2**20, 3),
+            "cache_mib_on_disk": round(on_disk / 2**20, 2),
+            "full_train_split_mib_estimate": round(len(train) * cache.bytes_per_image() / 2**20, 1),
+            "cached_batches_measured": args.batches,
+            "cached_batches_per_s": round(cached_bps, 2),
+            "live_encoder_batches_measured": args.live_encoder_batches,
+            "live_encoder_batches_per_s": round(live_bps, 4),
+            "cached_over_live_speedup": round(cached_bps / live_bps, 1),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 SECTIONS = {
     "conversion": bench_conversion,
     "synthetic_generation": bench_synthetic_generation,
     "input_pipeline": bench_input_pipeline,
+    "embedding_cache": bench_embedding_cache,
 }
 
 
@@ -163,6 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image_size", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--cache_images", type=int, default=8, help="embedding_cache: wafer images encoded")
+    parser.add_argument("--live_encoder_batches", type=int, default=2, help="embedding_cache: batches through the live encoder")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
