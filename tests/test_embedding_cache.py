@@ -257,3 +257,21 @@ def test_command_line_student_and_teacher(dataset_dir, student, teacher, tmp_pat
     with pytest.raises(SystemExit):
         cli.parse_args(command[2:] + ["--model", str(tmp_path / "student")])
     assert "at most twice" in capsys.readouterr().err
+
+
+def test_compute_dtype_autocast_is_its_own_cache(dataset, student, tmp_path):
+    full = build_embedding_cache(dataset, student, dtype="float32", splits=["validation"], batch_size=1, cache_root=tmp_path)
+    student.train()  # the build runs in eval mode and gives the model back as it found it
+    try:
+        mixed = build_embedding_cache(dataset, student, dtype="float32", splits=["validation"], batch_size=1,
+                                      cache_root=tmp_path, compute_dtype="bfloat16", device="cpu")
+        assert student.training
+    finally:
+        student.eval()
+    assert mixed.root != full.root and mixed.parts["compute_dtype"] == "bfloat16"
+    image_id = int(dataset["validation"][0]["image_id"])
+    a, b = full.reader("validation").get(image_id), mixed.reader("validation").get(image_id)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1, rtol=0.1)
+    assert next(student.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype"):
+        build_embedding_cache(dataset, student, compute_dtype="int8", cache_root=tmp_path)
