@@ -425,7 +425,7 @@ def _build_split(model, split, name, directory, fingerprint, split_fp, model_nam
         manifest = {**identity, "shape": shape, "shards": {}}
 
     stats = {"computed_shards": [], "reused_shards": [], "seconds": 0.0}
-    for key, entry in sorted(manifest["shards"].items()):
+    for key, entry in sorted(manifest["shards"].items(), key=lambda item: int(item[0])):
         problem = _shard_problem(os.path.join(directory, entry["file"]), entry, shape, dtype, options["verify"] == "checksum")
         if problem is None:
             stats["reused_shards"].append(int(key))
