@@ -78,13 +78,43 @@ def _activation(name: str) -> nn.Module:
     return nn.GELU()
 
 
+# Above this many query-key pairs, half-precision attention on CPU is computed in query blocks.
+_CPU_BLOCKED_ATTENTION_MIN_PAIRS = 1 << 22
+_CPU_BLOCKED_ATTENTION_BLOCK_PAIRS = 1 << 21
+
+
+def _blocked_attention(query, key, value):
+    """Softmax attention computed a block of queries at a time (exact; memory bounded by the block).
+
+    On CPUs with fast bfloat16 matrix units, two bf16 matrix products per block beat the fused
+    kernel, whose inner loops do not use those units; each block's scores stay small enough for cache.
+    """
+    scale = query.shape[-1] ** -0.5
+    key_t = key.transpose(-2, -1)
+    block = max(1, _CPU_BLOCKED_ATTENTION_BLOCK_PAIRS // key.shape[-2])
+    outputs = []
+    for start in range(0, query.shape[-2], block):
+        scores = torch.matmul(query[..., start : start + block, :], key_t) * scale
+        outputs.append(torch.matmul(scores.softmax(dim=-1), value))
+    return torch.cat(outputs, dim=-2)
+
+
 def _attention(query, key, value, use_sdpa: bool, return_weights: bool = False):
     """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
 
     The eager branch is the reference arithmetic of the original implementation; the sdpa branch
-    is the fused kernel (same result up to float rounding). Attention weights need the eager branch.
+    is the fused kernel (same result up to float rounding), except for large half-precision
+    attentions on CPU at inference, which use `_blocked_attention` (faster there, same math).
+    Attention weights need the eager branch.
     """
     if use_sdpa and not return_weights:
+        if (
+            query.device.type == "cpu"
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and query.requires_grad)
+            and query.shape[-2] * key.shape[-2] >= _CPU_BLOCKED_ATTENTION_MIN_PAIRS
+        ):
+            return _blocked_attention(query, key, value), None
         return F.scaled_dot_product_attention(query, key, value), None
     weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
     weights = weights.softmax(dim=-1)

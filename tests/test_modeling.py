@@ -454,3 +454,18 @@ def test_config_presets_and_consistency():
         EfficientSamConfig.from_variant("vith")
     with pytest.raises(ValueError, match="must equal the image-embedding width"):
         EfficientSamConfig(mask_decoder_config={"hidden_size": 128})
+
+
+def test_blocked_cpu_attention_equals_sdpa():
+    from modeling_efficientsam.modeling_efficientsam import _attention, _blocked_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 3000, 16, generator=generator) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    torch.testing.assert_close(_blocked_attention(query, key, value), expected, rtol=1e-5, atol=1e-5)
+    # large half-precision attention at inference takes the blocked path; the result matches sdpa
+    big = [t.repeat(1, 1, 2, 1)[:, :, :4096].bfloat16() for t in (query, key, value)]
+    with torch.no_grad():
+        blocked, _ = _attention(*big, use_sdpa=True)
+    fused = torch.nn.functional.scaled_dot_product_attention(*[t.float() for t in big])
+    assert (blocked.float() - fused).abs().max() < 2e-2
