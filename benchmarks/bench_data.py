@@ -248,7 +248,10 @@ def main(argv=None) -> int:
     env = environment()
     print(env["device"], "| torch", env["torch"], "| datasets", env["datasets"])
     for name in args.sections:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         result = SECTIONS[name](args)
+        # a busy shared machine slows every number down; keep how busy it was next to them
+        result.setdefault("load_average_1min_at_start", round(load, 2))
         result["measured"] = env["date"]
         sections[name] = result
         print_table(name, result)
