@@ -13,9 +13,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from ..image_processing_efficientsam import IMAGENET_MEAN, IMAGENET_STD, EfficientSamImageProcessor
 from ..image_utils import to_rgb_array
 from .masks import decode_rle, resize_mask
 from .prompts import (
@@ -29,8 +29,8 @@ from .prompts import (
     to_model_frame,
 )
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
+IMAGE_MEAN = IMAGENET_MEAN
+IMAGE_STD = IMAGENET_STD
 PROMPT_MODES = ("box", "point", "mixed")
 _METADATA_COLUMNS = ["image_id", "width", "height", "objects"]
 
@@ -39,13 +39,10 @@ def efficientsam_pixel_values(image: np.ndarray, image_size: int = 1024) -> torc
     """(H, W, 3) uint8 RGB -> (3, S, S) float32, the model's input normalisation.
 
     uint8 / 255, bilinear resize to S x S (align_corners=False, no antialiasing; the aspect ratio is
-    not kept), then (x - mean) / std per channel. Same arithmetic as EfficientSamImageProcessor.
+    not kept), then (x - mean) / std per channel. Delegates to EfficientSamImageProcessor, the one definition of it.
     """
-    pixels = torch.from_numpy(np.require(image, np.uint8, ['C', 'W'])).permute(2, 0, 1)[None].to(torch.float32) / 255.0
-    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((pixels - mean) / std)[0]
+    pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None]
+    return EfficientSamImageProcessor(size=image_size).normalize_tensor(pixels)[0]
 
 
 class EfficientSamTrainingDataset(torch.utils.data.Dataset):
