@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -199,12 +198,22 @@ def _json_safe(value):
     return value
 
 
+def _quiet_progress_bars() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
         print("error: --batch_size and --max_images must be >= 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        _quiet_progress_bars()
     try:
         report = run(args)
     except (FileNotFoundError, ValueError) as error:

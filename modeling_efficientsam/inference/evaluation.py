@@ -26,7 +26,6 @@ import contextlib
 import io
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch

@@ -216,6 +216,10 @@ def main(argv=None) -> int:
         print("error: --batch_size must be >= 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         summary = run(args)
     except (FileNotFoundError, ValueError) as error:

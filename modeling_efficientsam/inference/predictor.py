@@ -41,8 +41,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -107,7 +107,6 @@ class EfficientSamPrediction:
     low_res_logits: torch.Tensor
     original_size: tuple
     normalized: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
