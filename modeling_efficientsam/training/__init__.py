@@ -39,3 +39,34 @@ __all__ = [
     "sigmoid_focal_loss",
     "soft_iou_loss",
 ]
+
+# Training entry points: arguments, the trainer, callbacks, model card, the guide's config mapping.
+from .arguments import (  # noqa: E402
+    DataArguments,
+    EfficientSamTrainingArguments,
+    ModelArguments,
+    load_recipe,
+    parse_efficientsam_args,
+)
+from .callbacks import DatasetEpochCallback, TensorBoardOverlayCallback, render_overlay  # noqa: E402
+from .config_mapping import map_original_config  # noqa: E402
+from .model_card import build_model_card, non_default_arguments, write_model_card  # noqa: E402
+from .trainer import EfficientSamTrainer, load_decoder_on_base, save_decoder_only  # noqa: E402
+
+__all__ += [
+    "DataArguments",
+    "DatasetEpochCallback",
+    "EfficientSamTrainer",
+    "EfficientSamTrainingArguments",
+    "ModelArguments",
+    "TensorBoardOverlayCallback",
+    "build_model_card",
+    "load_decoder_on_base",
+    "load_recipe",
+    "map_original_config",
+    "non_default_arguments",
+    "parse_efficientsam_args",
+    "render_overlay",
+    "save_decoder_only",
+    "write_model_card",
+]
