@@ -37,7 +37,8 @@ def resolve_model_source(source: str, converted_models_dir: str, training_args) 
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    target = os.path.join(converted_models_dir, name.replace("_", "-"))
+    # efficient_sam_vitt.pt -> <converted_models_dir>/efficientsam-vitt (the folder the recipes name)
+    target = os.path.join(converted_models_dir, name.replace("efficient_sam", "efficientsam").replace("_", "-"))
     with training_args.main_process_first(desc=f"converting {source}"):
         if not os.path.isfile(os.path.join(target, "config.json")):
             logger.info("converting the original checkpoint %s into %s", source, target)
@@ -220,7 +221,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    logger.setLevel(logging.INFO if training_args.should_log else log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("process %d of %d on %s", training_args.process_index, training_args.world_size, training_args.device)
 

@@ -32,6 +32,7 @@ __all__ = [
     "ModelArguments",
     "OPTIMIZERS",
     "SCHEDULERS",
+    "last_complete_checkpoint",
     "load_recipe",
     "parse_efficientsam_args",
 ]
@@ -106,6 +107,10 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        for name in ("model_name_or_path", "teacher_model_name_or_path", "model_variant", "model_config"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+                setattr(self, name, None)  # lets `--teacher_model_name_or_path none` turn a recipe's teacher off
         if self.model_variant is not None:
             self.model_variant = self.model_variant.lower().replace("-", "").replace("_", "")
             _check(self.model_variant in ("vitt", "vits"), f"model_variant must be 'vitt' or 'vits', got {self.model_variant!r}")
@@ -433,14 +438,30 @@ def parse_efficientsam_args(
     return model_args, data_args, training_args
 
 
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that was written to the end.
+
+    The Trainer writes ``trainer_state.json`` last, so a folder without it is the remains of a run
+    killed while saving and is skipped.
+    """
+    import re
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            steps.append(int(match.group(1)))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
 def _resolve_resume(training_args: EfficientSamTrainingArguments) -> None:
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"resume_from_checkpoint={resume}: no checkpoint-* folder in {training_args.output_dir}")
+            raise ValueError(f"resume_from_checkpoint={resume}: no complete checkpoint-* folder in {training_args.output_dir}")
         training_args.resume_from_checkpoint = last
     elif isinstance(resume, str) and resume.lower() in ("false", "none", ""):
         training_args.resume_from_checkpoint = None

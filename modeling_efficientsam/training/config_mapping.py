@@ -16,7 +16,7 @@ Choices worth knowing:
 * ``warmup_epochs`` is both the learning-rate warm-up and the distillation hold period, as in the guide.
 * ``adaptive_update_freq`` / ``smoothing_factor`` configure Dynamic Weight Average, which the guide
   always ran: a guide config therefore selects ``loss_weighting: dwa``.
-* ``random_box_augmentation: false`` sets ``box_noise_scale`` to 0.
+* ``random_box_augmentation: false`` sets ``box_noise_scale`` to 0 (whatever ``box_noise_scale`` says).
 * ``batch_size`` is per device, for training and evaluation; ``print_freq`` is ``logging_steps``.
 """
 
@@ -58,7 +58,7 @@ GUIDE_KEYS: Dict[str, Dict[str, Callable[[Any], Dict[str, Any]]]] = {
         "target_size": _same("image_size"),
         "max_objects": _same("max_objects"),
         "iou_threshold": _same("box_mask_iou_threshold"),
-        "random_box_augmentation": lambda v: {} if v else {"box_noise_scale": 0.0},
+        "random_box_augmentation": lambda v: {"_box_augmentation": bool(v)},
         "box_noise_scale": _same("box_noise_scale"),
     },
     "training": {
@@ -127,6 +127,8 @@ def map_original_config(config: Dict[str, Any], source: str = "config") -> Dict[
     if problems:
         raise ValueError(f"{source}: cannot map {', '.join(problems)} onto the training arguments")
 
+    if not flat.pop("_box_augmentation", True):
+        flat["box_noise_scale"] = 0.0  # no jitter, whatever box_noise_scale says
     enabled = flat.pop("_distillation_enabled", True)
     if not enabled:
         flat["teacher_model_name_or_path"] = None

@@ -37,6 +37,7 @@ gradients are averaged across processes by hand before the optimizer step.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -639,10 +640,9 @@ def load_decoder_on_base(base, decoder_dir: str, strict_encoder: bool = False):
     model = EfficientSamModel.from_pretrained(base) if isinstance(base, (str, os.PathLike)) else base
     saved = info["config"]
     for key in ("prompt_encoder_config", "mask_decoder_config"):
-        mine = model.config.to_dict()[key]
-        theirs = saved[key]
-        differing = sorted(k for k in set(mine) | set(theirs)
-                           if k not in ("_name_or_path", "transformers_version", "model_type") and mine.get(k) != theirs.get(k))
+        sub_config = getattr(model.config, key)
+        fields = [name for name in inspect.signature(type(sub_config).__init__).parameters if name not in ("self", "kwargs")]
+        differing = sorted(name for name in fields if getattr(sub_config, name) != saved[key].get(name))
         if differing:
             raise ValueError(f"{decoder_dir} was saved for another {key} (differs in {differing})")
     if vision_encoder_fingerprint(model) != info.get("vision_encoder_sha256"):
