@@ -264,6 +264,8 @@ def main(argv=None) -> dict:
         "dataset_summary": dataset_summary(dataset, data_args),
     }
 
+    if resume:
+        logger.info("resuming from %s", resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.card_context["train_runtime"] = train_result.metrics.get("train_runtime")
     trainer.save_model()
