@@ -188,8 +188,14 @@ def dataset_summary(dataset, data_args) -> dict:
     splits = {}
     for name, split in dataset.items():
         splits[name] = {"images": len(split), "instances": int(sum(len(o) for o in split["objects"]))}
-    source = data_args.dataset_path or data_args.train_annotations
-    return {"name": os.path.basename(os.path.dirname(os.path.abspath(source))) if source else "custom",
+    if data_args.dataset_path is not None:
+        root = os.path.abspath(data_args.dataset_path)
+    else:  # the folder holding the splits, e.g. data/pcb for data/pcb/{train,valid}/...
+        files = [data_args.train_annotations] + ([data_args.validation_annotations] if data_args.validation_annotations else [])
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        if len(files) == 1:
+            root = os.path.dirname(root)
+    return {"name": os.path.basename(root) or "custom",
             "splits": splits, "categories": category_names(dataset[data_args.train_split])}
 
 

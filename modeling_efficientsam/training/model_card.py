@@ -57,7 +57,7 @@ def _format(value) -> str:
     return str(value)
 
 
-def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[str, Any]]) -> str:
+def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[str, Any]], mask_size: Optional[int] = None) -> str:
     before, after = dict(before or {}), dict(after or {})
     rows: List[tuple] = [(key, label) for key, label in _METRIC_ROWS]
     categories = sorted({k for k in list(before) + list(after) if k.startswith("eval_iou_")})
@@ -67,8 +67,9 @@ def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[
         lines.append(f"| {label} | {_format(before.get(key))} | {_format(after.get(key))} |")
     count = after.get("eval_num_instances", before.get("eval_num_instances"))
     if count is not None:
+        size = f"{mask_size} x {mask_size} " if mask_size else ""
         lines.append(f"\nMeasured on {count} validation objects, one box prompt each (no jitter), keeping the candidate "
-                     "mask with the highest predicted IoU, thresholded at 0 on the 256 x 256 (low-resolution) logits.")
+                     f"mask with the highest predicted IoU, thresholded at 0 on the {size}low-resolution logits.")
     return "\n".join(lines)
 
 
@@ -86,6 +87,7 @@ def build_model_card(
     decoder_only: bool = False,
     tags: Optional[List[str]] = None,
     license: Optional[str] = "apache-2.0",
+    mask_size: Optional[int] = None,
 ) -> str:
     """Markdown text of the model card (YAML front matter first)."""
     front = {
@@ -115,7 +117,7 @@ def build_model_card(
         description += f" Knowledge was distilled from the teacher `{teacher_model}` during fine-tuning."
     parts += [description, ""]
 
-    parts += ["## Results", "", _metrics_table(metrics_before, metrics_after), ""]
+    parts += ["## Results", "", _metrics_table(metrics_before, metrics_after, mask_size), ""]
 
     if dataset_summary:
         parts += ["## Data", ""]
@@ -205,6 +207,7 @@ def write_model_card(trainer, model_name: Optional[str] = None, tags=None, licen
         decoder_only=bool(getattr(args, "save_decoder_only", False)),
         tags=tags if isinstance(tags, list) else ([tags] if tags else None),
         license=license,
+        mask_size=getattr(getattr(trainer.model, "config", None), "low_res_mask_size", None),
     )
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "README.md")
