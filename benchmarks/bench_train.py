@@ -78,14 +78,13 @@ def run_configuration(config: dict) -> dict:
             queries.append(int(batch["query_mask"].sum()))
             return batch
 
-    step_times = []
+    step_ends = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
+        # From the end of one optimizer step to the end of the next: data loading, forward, backward,
+        # optimizer and logging, i.e. what a training run actually spends per step.
         def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
+            step_ends.append(time.perf_counter())
 
     steps = config["warmup_steps"] + config["steps"]
     args = EfficientSamTrainingArguments(
@@ -99,7 +98,7 @@ def run_configuration(config: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    timed = step_times[config["warmup_steps"]:]
+    timed = [b - a for a, b in zip(step_ends[config["warmup_steps"] - 1:], step_ends[config["warmup_steps"]:])]
     # Batch i belongs to step i (one batch per step). The median step time resists a passing load
     # spike on a shared machine better than the mean; the load average is recorded beside it.
     timed_queries = sum(queries[config["warmup_steps"]:steps])
@@ -205,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["vitt", "vits"], choices=["vitt", "vits"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
-    parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first (at least 1)")
     parser.add_argument("--max_objects", type=int, default=4, help="box queries per image")
     parser.add_argument("--quickstart_dir", default=os.path.join(REPO, "outputs", "quickstart"),
                         help="a quickstart output folder (its trainer_state.json gives the curve)")
@@ -214,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.warmup_steps < 1:
+        parser.error("--warmup_steps must be at least 1 (steps are timed from the end of the previous one)")
     if args.worker:
         print("RESULT " + json.dumps(run_configuration(json.loads(args.worker))), flush=True)
         return 0
