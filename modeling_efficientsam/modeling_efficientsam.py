@@ -78,8 +78,10 @@ def _activation(name: str) -> nn.Module:
     return nn.GELU()
 
 
-# Above this many query-key pairs, half-precision attention on CPU is computed in query blocks.
-_CPU_BLOCKED_ATTENTION_MIN_PAIRS = 1 << 22
+# Half-precision attention on CPU: attentions up to this many query-key pairs (the mask decoder's)
+# always use two matrix products; larger ones (the encoder's 4096 x 4096) do so at inference only,
+# a block of queries at a time; training keeps the fused kernel's memory-saving backward there.
+_CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS = 1 << 20
 _CPU_BLOCKED_ATTENTION_BLOCK_PAIRS = 1 << 21
 
 
@@ -103,18 +105,15 @@ def _attention(query, key, value, use_sdpa: bool, return_weights: bool = False):
     """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
 
     The eager branch is the reference arithmetic of the original implementation; the sdpa branch
-    is the fused kernel (same result up to float rounding), except for large half-precision
-    attentions on CPU at inference, which use `_blocked_attention` (faster there, same math).
+    is the fused kernel (same result up to float rounding), except for half-precision attention on
+    CPU, where `_blocked_attention` is faster (same math; see the thresholds above).
     Attention weights need the eager branch.
     """
     if use_sdpa and not return_weights:
-        if (
-            query.device.type == "cpu"
-            and query.dtype in (torch.bfloat16, torch.float16)
-            and not (torch.is_grad_enabled() and query.requires_grad)
-            and query.shape[-2] * key.shape[-2] >= _CPU_BLOCKED_ATTENTION_MIN_PAIRS
-        ):
-            return _blocked_attention(query, key, value), None
+        if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+            if not training or query.shape[-2] * key.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS:
+                return _blocked_attention(query, key, value), None
         return F.scaled_dot_product_attention(query, key, value), None
     weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
     weights = weights.softmax(dim=-1)
