@@ -389,3 +389,20 @@ def test_tensorboard_gets_every_term_and_overlays(tmp_path, synthetic_pcb_datase
         assert f"train/{name}" in scalars, name
     assert "eval/mean_iou" in scalars
     assert {"eval/overlay_0", "eval/overlay_1"} <= set(events.Tags()["images"])
+
+
+def test_gradient_checkpointing_and_dataloader_workers_give_the_same_step(tmp_path, synthetic_pcb_dataset):
+    base = tiny_model()
+    states = {}
+    for checkpointing, workers in ((False, 0), (True, 2)):
+        model = copy.deepcopy(base)
+        trainer = make_trainer(tmp_path / f"gc{checkpointing}", synthetic_pcb_dataset, model=model, max_steps=1,
+                               activation_checkpointing=checkpointing, dataloader_num_workers=workers, optimizer="sgd",
+                               momentum=0.0, learning_rate=1.0, max_grad_norm=0.0)
+        trainer.train()
+        assert model.vision_encoder.gradient_checkpointing is checkpointing
+        states[checkpointing] = model.state_dict()
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, atol=1e-6, rtol=1e-5)
+    moved = [k for k in states[True] if k.startswith("vision_encoder.layers") and not torch.equal(states[True][k], base.state_dict()[k])]
+    assert moved  # the checkpointed encoder still receives gradients
