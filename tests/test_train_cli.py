@@ -170,3 +170,22 @@ def test_decoder_fine_tuning_from_the_cache_with_a_teacher(workspace, baseline):
     rebuilt = load_decoder_on_base(str(output), str(output / "decoder"))
     for key, value in student.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
+
+
+def test_plain_python_run_on_real_coco_files(shared_path, workspace, tmp_path):
+    """`python train.py` on real COCO files (labelme's VOC sample): conversion, embedding cache, card."""
+    root = shared_path("datasets/voc_labelme")
+    output = tmp_path / "voc"
+    command = [sys.executable, str(REPO / "train.py"), str(workspace / "tiny.yaml"), "--output_dir", str(output),
+               "--dataset_path", "none", "--train_annotations", str(root / "annotations.json"),
+               "--train_images", str(root), "--validation_annotations", str(root / "annotations.json"),
+               "--validation_images", str(root), "--prepared_dataset_dir", str(tmp_path / "prepared"),
+               "--freeze_vision_encoder", "true", "--num_train_epochs", "2", "--per_device_train_batch_size", "2"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = _results(output)
+    assert results["eval_num_instances"] > 0 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    assert (tmp_path / "prepared" / "report.json").is_file() and (tmp_path / "prepared" / "embeddings").is_dir()
+    card = (output / "README.md").read_text()
+    assert "voc_labelme" in card and "Before fine-tuning" in card

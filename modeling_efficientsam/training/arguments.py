@@ -184,6 +184,11 @@ class DataArguments:
     num_overlay_images: int = field(default=4, metadata={"help": "Validation images drawn as TensorBoard overlays at each evaluation (0 disables)."})
 
     def __post_init__(self):
+        for name in ("dataset_path", "train_annotations", "train_images", "validation_annotations", "validation_images",
+                     "prepared_dataset_dir", "embedding_cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+                setattr(self, name, None)  # `--dataset_path none` switches a recipe to COCO files
         files = [self.train_annotations, self.train_images, self.validation_annotations, self.validation_images]
         if self.dataset_path is not None:
             _check(all(f is None for f in files), "give dataset_path or the COCO files (train_annotations, ...), not both")
