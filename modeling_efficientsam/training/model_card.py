@@ -24,6 +24,9 @@ _METRIC_ROWS = (
 # Arguments that only say where things are on one machine; they stay out of the card.
 _PRIVATE_FIELDS = {"output_dir", "logging_dir", "hub_token", "resume_from_checkpoint", "local_rank", "run_name",
                    "converted_models_dir", "prepared_dataset_dir", "embedding_cache_dir"}
+# Fields that TrainingArguments derives from the machine or from other fields; not part of a recipe.
+_DERIVED_FIELDS = {"accelerator_config", "use_cpu", "dataloader_pin_memory", "do_train", "do_eval", "do_predict",
+                   "disable_tqdm", "debug", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo"}
 
 
 def non_default_arguments(*argument_objects) -> Dict[str, Any]:
@@ -33,7 +36,7 @@ def non_default_arguments(*argument_objects) -> Dict[str, Any]:
         if obj is None:
             continue
         for field in dataclasses.fields(obj):
-            if not field.init or field.name in _PRIVATE_FIELDS or field.name.startswith("_"):
+            if not field.init or field.name in _PRIVATE_FIELDS or field.name in _DERIVED_FIELDS or field.name.startswith("_"):
                 continue
             value = getattr(obj, field.name)
             if field.default is not dataclasses.MISSING:
@@ -44,6 +47,8 @@ def non_default_arguments(*argument_objects) -> Dict[str, Any]:
                 default = dataclasses.MISSING
             value = getattr(value, "value", value)  # enums -> their string
             default = getattr(default, "value", default)
+            if not value and not default:  # None / False / [] / "" all mean "not set"
+                continue
             if value != default:
                 values[field.name] = value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
     return values
@@ -134,7 +139,7 @@ def build_model_card(
     parts += ["## Training", ""]
     if training_summary:
         for key, value in training_summary.items():
-            parts.append(f"- {key}: {_format(value)}")
+            parts.append(f"- {key}: {value:g}" if isinstance(value, float) else f"- {key}: {_format(value)}")
         parts.append("")
     if recipe:
         parts += ["Recipe (every argument that differs from its default):", "", "```yaml",
