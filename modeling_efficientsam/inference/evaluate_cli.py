@@ -7,7 +7,7 @@ Usage (console script ``efficientsam-evaluate``, or ``python -m modeling_efficie
 
     # a COCO annotations file (images beside it, or --images_dir), converted in a temporary folder;
     # released vs fine-tuned vs distilled in one table, with 10% box noise
-    efficientsam-evaluate --model released=yunyangx/efficient-sam-vitt --compare finetuned=outputs/vitt-pcb \\
+    efficientsam-evaluate --model released=models/efficientsam-vitt --compare finetuned=outputs/vitt-pcb \\
         distilled=outputs/vitt-pcb-kd --dataset data/val/annotations.json --box_noise_scale 0.1 --seed 0 \\
         --output results/pcb_eval.json
 
