@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jitter each box side by up to this fraction of the box size (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the box jitter (default 0)")
     parser.add_argument("--batch_size", type=int, default=2, help="images per image-encoder forward (default 2)")
-    parser.add_argument("--max_queries_per_batch", type=int, default=32, help="boxes per mask-decoder forward")
+    parser.add_argument("--max_queries_per_batch", type=int, default=16, help="boxes per mask-decoder forward")
     parser.add_argument("--max_images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--boundary_tolerance", type=int, default=2, help="boundary F-score tolerance in pixels")
     parser.add_argument("--single_mask", action="store_true", help="use the single-mask output")

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where results, summary and overlays are written")
     parser.add_argument("--overlays", action="store_true", help="also write overlay PNGs of the masks")
     parser.add_argument("--batch_size", type=int, default=2, help="images per image-encoder forward (default 2)")
-    parser.add_argument("--max_queries_per_batch", type=int, default=32,
-                        help="boxes per mask-decoder forward (default 32)")
+    parser.add_argument("--max_queries_per_batch", type=int, default=16,
+                        help="boxes per mask-decoder forward (default 16)")
     parser.add_argument("--score_threshold", type=float, help="keep detections with score >= this")
     parser.add_argument("--single_mask", action="store_true",
                         help="use the single-mask output instead of the best of 3 candidates")

@@ -227,7 +227,7 @@ class EfficientSamPredictor:
         device=None,
         dtype=None,
         autocast: bool = False,
-        max_queries_per_batch: int = 32,
+        max_queries_per_batch: int = 16,
     ):
         if max_queries_per_batch < 1:
             raise ValueError(f"max_queries_per_batch must be >= 1, got {max_queries_per_batch}")
@@ -255,7 +255,7 @@ class EfficientSamPredictor:
         device=None,
         dtype=None,
         autocast: bool = False,
-        max_queries_per_batch: int = 32,
+        max_queries_per_batch: int = 16,
         **kwargs,
     ) -> "EfficientSamPredictor":
         """Load model and processor from a folder or Hub id (``kwargs`` go to both ``from_pretrained``).
