@@ -177,7 +177,8 @@ class EfficientSamProcessor(ProcessorMixin):
         for query, (x1, y1, x2, y2) in enumerate(clipped):
             if not (x2 > x1 and y2 > y1):
                 raise ValueError(
-                    f"image {image_index}, box {query}: {tuple(corners[query])} lies outside the {width}x{height} image"
+                    f"image {image_index}, box {query}: ({', '.join(f'{v:g}' for v in corners[query])}) lies outside the "
+                    f"{width}x{height} image"
                 )
         scale = np.array([self.size / width, self.size / height] * 2)
         return clipped * scale
