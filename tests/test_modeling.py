@@ -318,10 +318,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable()
     assert model.vision_encoder.gradient_checkpointing
     checkpointed = grads()
-    model.gradient_checkpointing_disable()
+    disable()
     assert plain.keys() == checkpointed.keys() and any(n.startswith("vision_encoder.layers") for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
