@@ -478,15 +478,13 @@ class EfficientSamMaskDecoder(nn.Module):
         channels, mask_height, mask_width = upscaled.shape[1:]
         upscaled = upscaled.reshape(batch, queries, channels, mask_height, mask_width)
 
+        # Only the candidates that are returned are computed: tokens 1..3 (multimask) or token 0.
+        selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, :, index]) for index, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
-        )  # (B, Q, masks, channels)
+            [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, index]) for index in selected], dim=2
+        )  # (B, Q, candidates, channels)
         masks = torch.matmul(hyper_in, upscaled.flatten(3)).reshape(batch, queries, -1, mask_height, mask_width)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        if multimask_output:
-            masks, iou_pred = masks[:, :, 1:], iou_pred[:, :, 1:]
-        else:
-            masks, iou_pred = masks[:, :, :1], iou_pred[:, :, :1]
+        iou_pred = self.iou_prediction_head(iou_token_out)[:, :, selected.start : selected.stop]
         output_token_states = tokens[:, :, : 1 + self.num_mask_tokens]
         return masks, iou_pred, attentions, output_token_states, upscaled
 
@@ -551,7 +549,11 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
 
     # -- attention implementation ------------------------------------------------------------
     def _apply_attention_implementation(self) -> None:
+        """Pass `config._attn_implementation` (which may change after loading) on to the attention layers."""
         use_sdpa = getattr(self.config, "_attn_implementation", None) in (None, "sdpa")
+        if getattr(self, "_applied_use_sdpa", None) == use_sdpa:
+            return
+        self._applied_use_sdpa = use_sdpa
         for module in self.modules():
             if isinstance(module, (EfficientSamVisionAttention, EfficientSamDecoderAttention)):
                 module.use_sdpa = use_sdpa
