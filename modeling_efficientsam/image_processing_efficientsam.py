@@ -64,19 +64,31 @@ class EfficientSamImageProcessor(BaseImageProcessor):
         except (TypeError, ValueError) as error:
             raise ValueError(f"EfficientSamImageProcessor cannot read this image: {error}") from error
 
-    def normalize_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 tensor -> (B, 3, size, size) normalized float32, as the original model."""
-        images = images.to(torch.float32) / 255.0
+    def normalize_tensor(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 3, H, W) uint8 tensor -> (B, 3, size, size) normalized pixels, as the original model.
+
+        `dtype` is the floating type of the whole computation (float32 by default; float64 reproduces
+        the original model run in double precision). The mean and std are rounded to float32 first in
+        every dtype, because the original keeps them as float32 buffers.
+        """
+        images = images.to(dtype) / 255.0
         if images.shape[-2:] != (self.size, self.size):
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(self.image_mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=images.device).to(dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32, device=images.device).to(dtype).view(1, -1, 1, 1)
         return (images - mean) / std
 
-    def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
-        """Images (one or a list) -> `pixel_values` (B, 3, size, size) and `original_sizes` (B, 2) as (H, W)."""
+    def preprocess(
+        self, images, return_tensors: Optional[str] = "pt", dtype: torch.dtype = torch.float32, **kwargs
+    ) -> BatchFeature:
+        """Images (one or a list) -> `pixel_values` (B, 3, size, size) and `original_sizes` (B, 2) as (H, W).
+
+        `dtype` (float32 by default, or float64 / a half type) is the floating type of `pixel_values`.
+        """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float64; got {dtype!r}")
         if images is None:
             raise ValueError("no images were given")
         single = not isinstance(images, (list, tuple))
@@ -91,7 +103,7 @@ class EfficientSamImageProcessor(BaseImageProcessor):
             array = self.to_rgb(image)
             original_sizes.append(array.shape[:2])
             tensor = torch.from_numpy(np.array(array, copy=not array.flags.writeable)).permute(2, 0, 1).unsqueeze(0)
-            pixel_values.append(self.normalize_tensor(tensor))
+            pixel_values.append(self.normalize_tensor(tensor, dtype))
         data = {
             "pixel_values": torch.cat(pixel_values),
             "original_sizes": torch.tensor(original_sizes, dtype=torch.long),
@@ -132,7 +144,9 @@ class EfficientSamImageProcessor(BaseImageProcessor):
         results = []
         for masks, (height, width) in zip(pred_masks, sizes):
             queries, candidates = masks.shape[:2]
-            flat = masks.reshape(queries * candidates, 1, *masks.shape[-2:]).to(torch.float32)
+            flat = masks.reshape(queries * candidates, 1, *masks.shape[-2:])
+            if flat.dtype != torch.float64:  # half types are resized in float32; float64 stays float64
+                flat = flat.to(torch.float32)
             resized = F.interpolate(flat, size=(int(height), int(width)), mode="bicubic", align_corners=False)
             resized = resized.reshape(queries, candidates, int(height), int(width))
             results.append(resized > threshold if binarize else resized)

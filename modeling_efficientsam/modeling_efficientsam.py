@@ -267,11 +267,18 @@ class EfficientSamPromptEncoder(nn.Module):
         self.box_top_left_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
         self.box_bottom_right_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
 
+    @property
+    def coordinate_dtype(self) -> torch.dtype:
+        """Prompt coordinates are encoded in float64 for a float64 model and in float32 otherwise
+        (a half-precision model still takes its coordinates in float32 before the Fourier features)."""
+        matrix_dtype = self.shared_embedding.positional_encoding_gaussian_matrix.dtype
+        return torch.float64 if matrix_dtype == torch.float64 else torch.float32
+
     def dense_positional_embedding(self) -> torch.Tensor:
         """(1, C, h, w) encoding of the centres of the image-embedding grid cells."""
         size = self.config.image_embedding_size
         device = self.shared_embedding.positional_encoding_gaussian_matrix.device
-        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+        centres = (torch.arange(size, device=device, dtype=self.coordinate_dtype) + 0.5) / size
         grid = torch.stack(
             [centres[None, :].expand(size, size), centres[:, None].expand(size, size)], dim=-1
         )  # (h, w, 2) as (x, y)
@@ -580,6 +587,7 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
     def _prompts_to_points(self, input_points, input_labels, input_boxes, batch_size):
         """Validate prompts and return (points (B, Q, P, 2), labels (B, Q, P)) padded to max_num_points."""
         max_points = self.config.prompt_encoder_config.max_num_points
+        coordinate_dtype = self.prompt_encoder.coordinate_dtype
         if input_points is None and input_boxes is None:
             raise ValueError("give at least one prompt: input_points (with input_labels) or input_boxes")
         if (input_points is None) != (input_labels is None):
@@ -590,7 +598,7 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
                 raise ValueError(
                     f"input_boxes must have shape (batch, queries, 4) as x1, y1, x2, y2; got {tuple(input_boxes.shape)}"
                 )
-            boxes = input_boxes.to(torch.float32)
+            boxes = input_boxes.to(coordinate_dtype)
             corners = boxes.reshape(*boxes.shape[:2], 2, 2)
             padded = (boxes < 0).all(dim=-1, keepdim=True)
             labels = torch.tensor([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], device=boxes.device)
@@ -615,7 +623,7 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
                     f"input_labels must be in {VALID_LABELS} (-1 padding, 0 negative, 1 positive, 2 box top-left, "
                     f"3 box bottom-right); got {sorted(set(labels[bad].tolist()))}"
                 )
-            parts_points.append(input_points.to(torch.float32))
+            parts_points.append(input_points.to(coordinate_dtype))
             parts_labels.append(labels)
         if len(parts_points) == 2 and parts_points[0].shape[:2] != parts_points[1].shape[:2]:
             raise ValueError(

@@ -8,6 +8,9 @@ padding (see `EfficientSamModel`).
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -15,9 +18,44 @@ import torch
 from transformers import ProcessorMixin
 from transformers.image_processing_utils import BatchFeature
 
-from .modeling_efficientsam import LABEL_PADDING, VALID_LABELS
+from .modeling_efficientsam import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING, VALID_LABELS
+
+logger = logging.getLogger(__name__)
 
 PromptInput = Union[torch.Tensor, np.ndarray, Sequence]
+
+#: Files a saved processor may live in (ProcessorMixin writes the first; older folders hold the second).
+PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+# -- the one definition of the prompt geometry ----------------------------------------------------
+def box_corner_points(boxes) -> tuple:
+    """xyxy boxes ``(..., 4)`` -> the prompt encoder's form: points ``(..., 2, 2)`` and labels ``(..., 2)``.
+
+    A box is its top-left corner (x1, y1), label 2, then its bottom-right corner (x2, y2), label 3.
+    Points are float64 numpy arrays, labels int64.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must have a last dimension of 4 (x1, y1, x2, y2); got shape {boxes.shape}")
+    labels = np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], dtype=np.int64)
+    return boxes.reshape(*boxes.shape[:-1], 2, 2), np.broadcast_to(labels, boxes.shape[:-1] + (2,)).copy()
+
+
+def to_model_frame(points, original_size, image_size: int) -> np.ndarray:
+    """Pixel (x, y) points ``(..., 2)`` of an image of ``original_size`` (H, W) -> the square model input.
+
+    The image is stretched (not letterboxed) to ``image_size`` x ``image_size``, so
+    ``(x, y) -> (x * S / W, y * S / H)``.
+    """
+    height, width = original_size
+    return np.asarray(points, dtype=np.float64) * np.array([image_size / width, image_size / height])
+
+
+def to_original_frame(points, original_size, image_size: int) -> np.ndarray:
+    """The inverse of :func:`to_model_frame`: model-frame (x, y) -> pixels of the original image."""
+    height, width = original_size
+    return np.asarray(points, dtype=np.float64) * np.array([width / image_size, height / image_size])
 
 
 def _per_image(values: Optional[PromptInput], depth: int, name: str, num_images: int) -> Optional[list]:
@@ -100,15 +138,20 @@ class EfficientSamProcessor(ProcessorMixin):
         normalized: bool = False,
         original_sizes: Optional[PromptInput] = None,
         return_tensors: Optional[str] = "pt",
+        dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> BatchFeature:
+        """`dtype` is the floating type of `pixel_values` and of the rescaled coordinates (float32 by
+        default; torch.float64 for a model run in double precision). Labels are always int64."""
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float64; got {dtype!r}")
         if box_format not in ("xyxy", "xywh"):
             raise ValueError(f"box_format must be 'xyxy' or 'xywh'; got {box_format!r}")
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
+            data.update(self.image_processor(images, return_tensors=return_tensors, dtype=dtype))
             sizes = data["original_sizes"].tolist()
         elif original_sizes is not None:
             sizes = torch.as_tensor(original_sizes).reshape(-1, 2).tolist()
@@ -128,7 +171,7 @@ class EfficientSamProcessor(ProcessorMixin):
             data["input_boxes"] = self._pad_stack(
                 [self.rescale_boxes(b, s, box_format, normalized, i) for i, (b, s) in enumerate(zip(boxes, sizes))],
                 (4,),
-            )
+            ).to(dtype)
         if points is not None:
             rescaled, checked = [], []
             for index, (pts, lbl, size) in enumerate(zip(points, labels, sizes)):
@@ -142,7 +185,7 @@ class EfficientSamProcessor(ProcessorMixin):
                     raise ValueError(f"image {index}: input_labels must be in {VALID_LABELS}; got {sorted(set(lbl[bad]))}")
                 rescaled.append(self.rescale_points(pts, lbl, size, normalized))
                 checked.append(lbl)
-            data["input_points"] = self._pad_stack(rescaled, None)
+            data["input_points"] = self._pad_stack(rescaled, None).to(dtype)
             data["input_labels"] = self._pad_stack(checked, None).to(torch.long)
         return BatchFeature(data=data)
 
@@ -180,16 +223,13 @@ class EfficientSamProcessor(ProcessorMixin):
                     f"image {image_index}, box {query}: ({', '.join(f'{v:g}' for v in corners[query])}) lies outside the "
                     f"{width}x{height} image"
                 )
-        scale = np.array([self.size / width, self.size / height] * 2)
-        return clipped * scale
+        return to_model_frame(clipped.reshape(-1, 2, 2), size, self.size).reshape(-1, 4)
 
     def rescale_points(self, points: np.ndarray, labels: np.ndarray, size, normalized: bool) -> np.ndarray:
         """(Q, P, 2) points -> model frame; padding points (label -1) are returned untouched."""
-        height, width = size
         padding = labels == LABEL_PADDING
         real = self._to_pixels(np.where(padding[..., None], 0.0, points), size, normalized, "points")
-        scaled = real * np.array([self.size / width, self.size / height])
-        return np.where(padding[..., None], points, scaled)
+        return np.where(padding[..., None], points, to_model_frame(real, size, self.size))
 
     @staticmethod
     def _pad_stack(arrays: list, trailing) -> torch.Tensor:
@@ -208,10 +248,59 @@ class EfficientSamProcessor(ProcessorMixin):
             for index, array in enumerate(arrays):
                 if array.size:
                     out[index, : array.shape[0]] = array
-        return torch.from_numpy(out).to(torch.float32)
+        return torch.from_numpy(out)
 
     def post_process_masks(self, *args, **kwargs):
         return self.image_processor.post_process_masks(*args, **kwargs)
 
 
-__all__ = ["EfficientSamProcessor"]
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _processor_config_files(pretrained_model_name_or_path, **kwargs) -> list:
+    """Paths of the processor config files that exist in a folder (or a Hub repo, downloaded)."""
+    source = os.fspath(pretrained_model_name_or_path)
+    if os.path.isdir(source):
+        folder = os.path.join(source, kwargs.get("subfolder") or "")
+        return [os.path.join(folder, name) for name in PROCESSOR_CONFIG_FILES if os.path.isfile(os.path.join(folder, name))]
+    from transformers.utils import cached_file
+
+    hub = {key: kwargs[key] for key in _HUB_ARGUMENTS if key in kwargs}
+    found = [cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub) for name in PROCESSOR_CONFIG_FILES]
+    return [path for path in found if path is not None]
+
+
+def load_processor(pretrained_model_name_or_path, image_size: Optional[int] = None, **kwargs) -> EfficientSamProcessor:
+    """The processor saved with a model (a folder or a Hub repo); the one loader every tool uses.
+
+    * A folder without any processor config (``processor_config.json`` / ``preprocessor_config.json``)
+      gets the default processor for ``image_size`` (the model's input size; 1024 when None), and a
+      log line says so.
+    * A processor config that exists but is not valid JSON is an error naming the file: silently
+      falling back to the defaults could change the preprocessing of a fine-tuned model.
+
+    ``kwargs`` go to ``EfficientSamImageProcessor.from_pretrained`` (``revision``, ``cache_dir``, ...).
+    """
+    from .image_processing_efficientsam import EfficientSamImageProcessor
+
+    files = _processor_config_files(pretrained_model_name_or_path, **kwargs)
+    if not files:
+        size = 1024 if image_size is None else int(image_size)
+        logger.info("%s has no processor config; using the default processor for size %d", pretrained_model_name_or_path, size)
+        return EfficientSamProcessor(EfficientSamImageProcessor(size=size))
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{path}: the processor config is not valid JSON ({error}). Fix: repair the file (save the processor "
+                "again with save_pretrained), or delete it to use the default processor for the model's image size."
+            ) from error
+        if not isinstance(document, dict):
+            raise ValueError(f"{path}: the processor config must be a JSON object, found {type(document).__name__}. "
+                             "Fix: save the processor again with save_pretrained.")
+    return EfficientSamProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+__all__ = ["EfficientSamProcessor", "box_corner_points", "load_processor", "to_model_frame", "to_original_frame"]

@@ -18,14 +18,16 @@ from modeling_efficientsam import (
     EfficientSamProcessor,
 )
 from modeling_efficientsam.convert_efficientsam_to_hf import (
-    DECODER_IOU_TOLERANCE,
-    DECODER_MASK_AGREEMENT,
-    DECODER_MEDIAN_TOLERANCE,
-    compare_with_reference,
     convert_key,
     convert_state_dict,
-    format_report,
     load_original_state_dict,
+)
+from modeling_efficientsam.parity import (
+    FLOAT64_LIMITS,
+    compare_with_reference,
+    float32_error_ratios,
+    format_report,
+    reference_failures,
 )
 
 FIXTURES = "fixtures/efficientsam_reference"
@@ -62,43 +64,107 @@ def reference_model(shared_path, name: str, attn_implementation: str):
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["tiny", "vitt"])
-def test_reproduces_reference_fixtures(shared_path, name, attn_implementation):
+def test_float64_port_equals_the_original_in_float64(shared_path, name, attn_implementation):
+    """The strict test of the port: in float64 (model.double(), float64 pixels and prompts from the
+    processors) every output equals the original's float64 run to rounding.
+
+    Observed (2-core Xeon, AVX-512 and AVX2): embeddings <= 7e-15, logits <= 2e-11, IoU <= 1e-12 on
+    tiny, against limits of 1e-9 / 1e-8 / 1e-9: margins of 10^3 or more."""
     model, processor, io_path = reference_model(shared_path, name, attn_implementation)
-    report = compare_with_reference(model, processor, str(io_path))
-    summary = f"{name}/{attn_implementation}: {format_report(report)}"
+    float64_path = str(io_path).replace("_io.safetensors", "_io_float64.safetensors")
+    report = compare_with_reference(model.double(), processor, float64_path)
+    summary = f"{name}/{attn_implementation} float64: {format_report(report)}"
     print(summary)
-    # The encoder is well conditioned: every embedding value within 1e-4.
-    assert report["image_embeddings"]["max"] <= 1e-4, summary
+    assert report["dtype"] == "float64"
+    assert {"image_embeddings", "low_res_masks", "iou_predictions", "low_res_masks_single"} <= set(report)
+    assert report["image_embeddings"]["max"] <= FLOAT64_LIMITS["image_embeddings"], summary
     for key in ("low_res_masks", "low_res_masks_single", "masks_original_size"):
-        assert report[key]["median"] <= DECODER_MEDIAN_TOLERANCE, summary
-        assert report[key]["sign_agreement"] >= DECODER_MASK_AGREEMENT, summary
+        if key in report:
+            assert report[key]["max"] <= FLOAT64_LIMITS["masks"], summary
     for key in ("iou_predictions", "iou_predictions_single", "iou_predictions_full"):
-        assert report[key]["max"] <= DECODER_IOU_TOLERANCE, summary
-    if name == "tiny":
-        # The small fixture is far less sensitive: hold it to much tighter bounds.
-        for key in ("low_res_masks", "low_res_masks_single"):
-            assert report[key]["max"] <= 2e-3, summary
-            assert report[key]["sign_agreement"] == 1.0, summary
-        for key in ("iou_predictions", "iou_predictions_single", "iou_predictions_full"):
-            assert report[key]["max"] <= 2e-4, summary
+        assert report[key]["max"] <= FLOAT64_LIMITS["iou"], summary
+    if "pixel_values" in report:
+        assert report["pixel_values"]["max"] <= FLOAT64_LIMITS["pixel_values"], summary
+    assert reference_failures(report) == []
 
 
-def test_fixture_decoder_is_sensitive_below_float32(shared_path):
-    """Why the decoder is compared by median / agreement: float32 vs float64 of the same model
-    already differ by more than 1e-4, so no float32 port can match every logit to 1e-4."""
+# The original's own float32 run is one sample of float32 rounding, which these weights amplify
+# chaotically: which logits blow up depends on the summation order of the CPU kernels. Measured on
+# tiny over {1, 2 threads} x {AVX2, AVX-512} x {sdpa, eager}, the port's largest float32 error is
+# 0.42x to 3.2x the original's (max per tensor), and the original rerun on another machine is 0.58x
+# to 1.5x its own file; on ViT-T the port is 0.14x to 2.2x. A bound of 2x sits inside that spread; 5x
+# leaves a margin of 1.5 over the
+# worst case seen, and a wrong formula would still be 100x-1000x off (see the float64 test).
+FLOAT32_ERROR_RATIO_LIMIT = 5.0
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["tiny", "vitt"])
+def test_float32_port_is_as_close_to_float64_as_the_original_float32(shared_path, name, attn_implementation):
+    model, processor, io_path = reference_model(shared_path, name, attn_implementation)
+    float64_path = str(io_path).replace("_io.safetensors", "_io_float64.safetensors")
+    ratios = float32_error_ratios(model, processor, str(io_path), float64_path)
+    summary = f"{name}/{attn_implementation} float32 vs float64 (capability {torch.backends.cpu.get_cpu_capability()}, " \
+              f"{torch.get_num_threads()} threads): " + "; ".join(
+                  f"{key} port {entry['max']['port']:.2e} original {entry['max']['original']:.2e} "
+                  f"ratio {entry['max']['ratio']:.2f}" for key, entry in ratios.items())
+    print(summary)
+    # The encoder is well conditioned: every embedding value within 1e-4 (observed <= 1e-5).
+    assert ratios["image_embeddings"]["max"]["port"] <= 1e-4, summary
+    for key, entry in ratios.items():
+        assert entry["max"]["ratio"] <= FLOAT32_ERROR_RATIO_LIMIT, summary
+
+
+def test_float32_fixture_is_float32_rounding_of_the_float64_fixture(shared_path):
+    """The float32 fixture differs from float64 by what float32 rounding does to these weights: tiny
+    stays near 1e-3, ViT-T amplifies it to tenths. This is why float32 tests bound ratios."""
+    from safetensors.torch import load_file
+
+    folder = shared_path(FIXTURES)
+    gaps = {}
+    for name in ("tiny", "vitt"):
+        single = load_file(str(folder / f"reference_{name}_io.safetensors"))
+        double = load_file(str(folder / f"reference_{name}_io_float64.safetensors"))
+        gaps[name] = (single["low_res_masks"].double() - double["low_res_masks"]).abs().max().item()
+    print(f"float32 fixture vs float64 fixture, largest low-res logit gap: {gaps}")
+    assert 1e-4 < gaps["tiny"] < 1e-2
+    assert gaps["vitt"] > 0.1
+
+
+def test_processors_produce_float64_when_asked(shared_path):
     from safetensors.torch import load_file
 
     model, processor, io_path = reference_model(shared_path, "tiny", "eager")
-    reference = load_file(str(io_path))
-    inputs = processor(images=[i.permute(1, 2, 0).numpy() for i in reference["images_uint8"]],
-                       input_points=reference["points"], input_labels=reference["point_labels"])
-    prompts = {"input_points": inputs["input_points"], "input_labels": inputs["input_labels"]}
+    reference = load_file(str(io_path).replace("_io.safetensors", "_io_float64.safetensors"))
+    images = [image.permute(1, 2, 0).numpy() for image in reference["images_uint8"]]
+    inputs = processor(images=images, input_points=reference["points"], input_labels=reference["point_labels"],
+                       input_boxes=[[[1, 2, 30, 40]]] * 2, dtype=torch.float64)
+    assert inputs["pixel_values"].dtype == torch.float64
+    assert inputs["input_points"].dtype == inputs["input_boxes"].dtype == torch.float64
+    assert inputs["input_labels"].dtype == torch.long
+    # the original's float64 preprocessing, exactly
+    assert torch.equal(inputs["pixel_values"], reference["pixel_values"])
+    default = processor(images=images, input_points=reference["points"], input_labels=reference["point_labels"])
+    assert default["pixel_values"].dtype == default["input_points"].dtype == torch.float32
+    assert (default["pixel_values"].double() - inputs["pixel_values"]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        processor(images=images, dtype=torch.int32)
+
+
+def test_prompt_coordinates_follow_the_model_dtype():
+    """A float64 model encodes its prompt coordinates in float64 (no detour through float32)."""
+    model = EfficientSamModel(tiny_config()).eval().double()
+    embeddings = torch.randn(1, 32, 4, 4, dtype=torch.float64)
+    box = torch.tensor([[[10.123456789, 20.987654321, 40.5, 50.25]]], dtype=torch.float64)
+    nudged = box.clone()
+    nudged[..., 0] += 1e-9  # invisible in float32 (spacing near 10 is 1e-6)
     with torch.no_grad():
-        single = model(image_embeddings=reference["image_embeddings"], **prompts).pred_masks
-        double = model.double()(image_embeddings=reference["image_embeddings"].double(), **prompts).pred_masks
-    gap = (single.double() - double).abs().max().item()
-    print(f"float32 vs float64 largest mask-logit difference: {gap:.2e}")
-    assert gap > 1e-4
+        first = model(image_embeddings=embeddings, input_boxes=box).pred_masks
+        second = model(image_embeddings=embeddings, input_boxes=nudged).pred_masks
+    assert not torch.equal(first, second)
+    assert model.prompt_encoder.dense_positional_embedding().dtype == torch.float64
+    single = EfficientSamModel(tiny_config()).eval()
+    assert single.prompt_encoder.coordinate_dtype == torch.float32
 
 
 def test_every_original_key_maps_onto_a_parameter_of_the_same_shape(shared_path):
@@ -125,7 +191,7 @@ def test_conversion_cli_writes_a_loadable_folder(shared_path, tmp_path):
         [sys.executable, "-m", "modeling_efficientsam.convert_efficientsam_to_hf",
          "--checkpoint", str(folder / "reference_tiny.pt"),
          "--original_config", str(folder / "reference_tiny_config.json"),
-         "--reference_io", str(folder / "reference_tiny_io.safetensors"),
+         "--reference_io", str(folder / "reference_tiny_io_float64.safetensors"),
          "--output_dir", str(output)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
