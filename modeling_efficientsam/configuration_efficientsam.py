@@ -90,13 +90,19 @@ class EfficientSamVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
 
 
+# Sizes the prompt encoder takes from the rest of the model (token width = image-embedding width,
+# coordinate frame = input size, dense grid = token grid). Configs saved by earlier versions stored
+# them under `prompt_encoder_config`; they are still read, checked, and not stored again.
+_DERIVED_PROMPT_ENCODER_KEYS = ("hidden_size", "image_size", "image_embedding_size")
+
+
 class EfficientSamPromptEncoderConfig(PretrainedConfig):
     r"""Prompt encoder: random-Fourier position encoding of points plus one learnt vector per label.
 
+    Its token width, coordinate frame and dense grid are those of the image encoder
+    (`EfficientSamConfig.image_embedding_width`, `image_size`, `image_embedding_size`).
+
     Args:
-        hidden_size (`int`, defaults to 256): width of a prompt token (equals the image-embedding width).
-        image_size (`int`, defaults to 1024): the frame prompt coordinates are given in.
-        image_embedding_size (`int`, defaults to 64): side of the image-embedding grid (dense encoding).
         max_num_points (`int`, defaults to 6): points per query the decoder takes; shorter queries are
             padded with label -1, longer ones are refused.
     """
@@ -104,19 +110,15 @@ class EfficientSamPromptEncoderConfig(PretrainedConfig):
     model_type = "efficientsam_prompt_encoder"
     base_config_key = "prompt_encoder_config"
 
-    def __init__(
-        self,
-        hidden_size: int = 256,
-        image_size: int = 1024,
-        image_embedding_size: int = 64,
-        max_num_points: int = 6,
-        **kwargs,
-    ):
+    def __init__(self, max_num_points: int = 6, **kwargs):
+        self.derived_sizes_given = {key: kwargs.pop(key) for key in _DERIVED_PROMPT_ENCODER_KEYS if key in kwargs}
         super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.image_size = image_size
-        self.image_embedding_size = image_embedding_size
         self.max_num_points = max_num_points
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("derived_sizes_given", None)
+        return output
 
 
 class EfficientSamMaskDecoderConfig(PretrainedConfig):
@@ -229,8 +231,9 @@ class EfficientSamConfig(PretrainedConfig):
         embedding_width = vision.neck_hidden_sizes[-1]
         grid = vision.image_size // vision.patch_size
         problems = []
-        if prompt.hidden_size != embedding_width:
-            problems.append(f"prompt_encoder_config.hidden_size={prompt.hidden_size}")
+        given = getattr(prompt, "derived_sizes_given", {})
+        if given.get("hidden_size", embedding_width) != embedding_width:
+            problems.append(f"prompt_encoder_config.hidden_size={given['hidden_size']}")
         if decoder.hidden_size != embedding_width:
             problems.append(f"mask_decoder_config.hidden_size={decoder.hidden_size}")
         if problems:
@@ -238,11 +241,12 @@ class EfficientSamConfig(PretrainedConfig):
                 f"{' and '.join(problems)} must equal the image-embedding width "
                 f"vision_config.neck_hidden_sizes[-1]={embedding_width}"
             )
-        if prompt.image_size != vision.image_size or prompt.image_embedding_size != grid:
+        if given.get("image_size", vision.image_size) != vision.image_size or given.get(
+            "image_embedding_size", grid
+        ) != grid:
             raise ValueError(
-                f"prompt_encoder_config (image_size={prompt.image_size}, image_embedding_size="
-                f"{prompt.image_embedding_size}) must match the vision encoder (image_size={vision.image_size}, "
-                f"token grid {grid})"
+                f"prompt_encoder_config {given} must match the vision encoder (image_size={vision.image_size}, "
+                f"token grid {grid}); these sizes come from vision_config and need not be given"
             )
 
     # Derived sizes used across the package, so nothing hard-codes 1024 / 64 / 256.
@@ -253,6 +257,11 @@ class EfficientSamConfig(PretrainedConfig):
     @property
     def image_embedding_size(self) -> int:
         return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def image_embedding_width(self) -> int:
+        """Channels of the image embedding (the neck's output), which prompt tokens share."""
+        return self.vision_config.neck_hidden_sizes[-1]
 
     @property
     def low_res_mask_size(self) -> int:
@@ -276,7 +285,6 @@ class EfficientSamConfig(PretrainedConfig):
         values.update(ORIGINAL_VARIANTS["vitt"])
         values.update(original)
         neck = list(values["neck_dims"])
-        grid = values["img_size"] // values["patch_size"]
         return cls(
             vision_config={
                 "image_size": values["img_size"],
@@ -288,12 +296,7 @@ class EfficientSamConfig(PretrainedConfig):
                 "pretrain_image_size": values["pretrain_img_size"],
                 "neck_hidden_sizes": neck,
             },
-            prompt_encoder_config={
-                "hidden_size": neck[-1],
-                "image_size": values["img_size"],
-                "image_embedding_size": grid,
-                "max_num_points": values["decoder_max_num_input_points"],
-            },
+            prompt_encoder_config={"max_num_points": values["decoder_max_num_input_points"]},
             mask_decoder_config={
                 "hidden_size": neck[-1],
                 "num_hidden_layers": values["decoder_depth"],

@@ -25,7 +25,6 @@ from transformers.utils import ModelOutput
 from .configuration_efficientsam import (
     EfficientSamConfig,
     EfficientSamMaskDecoderConfig,
-    EfficientSamPromptEncoderConfig,
     EfficientSamVisionConfig,
 )
 
@@ -101,7 +100,7 @@ def _blocked_attention(query, key, value):
     return torch.cat(outputs, dim=-2)
 
 
-def _attention(query, key, value, use_sdpa: bool, return_weights: bool = False):
+def _attention(query, key, value, implementation: Optional[str], return_weights: bool = False):
     """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
 
     The eager branch is the reference arithmetic of the original implementation; the sdpa branch
@@ -109,7 +108,7 @@ def _attention(query, key, value, use_sdpa: bool, return_weights: bool = False):
     CPU, where `_blocked_attention` is faster (same math; see the thresholds above).
     Attention weights need the eager branch.
     """
-    if use_sdpa and not return_weights:
+    if implementation in (None, "sdpa") and not return_weights:
         if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
             training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
             if not training or query.shape[-2] * key.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS:
@@ -147,15 +146,15 @@ class EfficientSamVisionAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         if config.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {self.num_heads} heads")
+        self.config = config  # `_attn_implementation` is read at call time, as transformers' models do
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.use_sdpa = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended, _ = _attention(query, key, value, self.use_sdpa)
+        attended, _ = _attention(query, key, value, self.config._attn_implementation)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
@@ -258,14 +257,16 @@ class EfficientSamPositionalEmbedding(nn.Module):
 
 
 class EfficientSamPromptEncoder(nn.Module):
-    def __init__(self, config: EfficientSamPromptEncoderConfig):
+    def __init__(self, config: EfficientSamConfig):
         super().__init__()
-        self.config = config
-        self.shared_embedding = EfficientSamPositionalEmbedding(config.hidden_size // 2)
-        self.invalid_point_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.point_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.box_top_left_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.box_bottom_right_embed = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.image_size = config.image_size
+        self.image_embedding_size = config.image_embedding_size
+        width = config.image_embedding_width
+        self.shared_embedding = EfficientSamPositionalEmbedding(width // 2)
+        self.invalid_point_embed = nn.Parameter(torch.zeros(1, width))
+        self.point_embed = nn.Parameter(torch.zeros(1, width))
+        self.box_top_left_embed = nn.Parameter(torch.zeros(1, width))
+        self.box_bottom_right_embed = nn.Parameter(torch.zeros(1, width))
 
     @property
     def coordinate_dtype(self) -> torch.dtype:
@@ -276,7 +277,7 @@ class EfficientSamPromptEncoder(nn.Module):
 
     def dense_positional_embedding(self) -> torch.Tensor:
         """(1, C, h, w) encoding of the centres of the image-embedding grid cells."""
-        size = self.config.image_embedding_size
+        size = self.image_embedding_size
         device = self.shared_embedding.positional_encoding_gaussian_matrix.device
         centres = (torch.arange(size, device=device, dtype=self.coordinate_dtype) + 0.5) / size
         grid = torch.stack(
@@ -286,7 +287,7 @@ class EfficientSamPromptEncoder(nn.Module):
 
     def forward(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Embed (..., P, 2) points in the model input frame with (..., P) labels into (..., P, C)."""
-        coordinates = (points + 0.5) / self.config.image_size
+        coordinates = (points + 0.5) / self.image_size
         embeddings = self.shared_embedding(coordinates)
         labels = labels[..., None]
         embeddings = embeddings + self.invalid_point_embed * (labels == LABEL_PADDING)
@@ -321,8 +322,10 @@ class EfficientSamMlp(nn.Module):
 class EfficientSamDecoderAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections to an internal width."""
 
-    def __init__(self, hidden_size: int, num_heads: int, downsample_rate: int = 1):
+    def __init__(self, config: EfficientSamMaskDecoderConfig, downsample_rate: int = 1):
         super().__init__()
+        self.config = config  # `_attn_implementation` is read at call time
+        hidden_size, num_heads = config.hidden_size, config.num_attention_heads
         internal = hidden_size // downsample_rate
         if internal % num_heads:
             raise ValueError(f"attention width {internal} is not divisible by {num_heads} heads")
@@ -331,7 +334,6 @@ class EfficientSamDecoderAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, internal)
         self.v_proj = nn.Linear(hidden_size, internal)
         self.out_proj = nn.Linear(internal, hidden_size)
-        self.use_sdpa = True
 
     def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
         *lead, tokens, width = projected.shape
@@ -339,7 +341,7 @@ class EfficientSamDecoderAttention(nn.Module):
 
     def attend(self, query, key, value, return_weights: bool = False):
         """Attention over already projected and head-split tensors; returns (output, weights)."""
-        attended, weights = _attention(query, key, value, self.use_sdpa, return_weights)
+        attended, weights = _attention(query, key, value, self.config._attn_implementation, return_weights)
         attended = attended.transpose(-3, -2)
         return self.out_proj(attended.reshape(*attended.shape[:-2], -1)), weights
 
@@ -355,16 +357,15 @@ class EfficientSamDecoderAttention(nn.Module):
 class EfficientSamTwoWayLayer(nn.Module):
     def __init__(self, config: EfficientSamMaskDecoderConfig, add_token_pe: bool):
         super().__init__()
-        width, heads = config.hidden_size, config.num_attention_heads
-        rate = config.attention_downsample_rate
+        width, rate = config.hidden_size, config.attention_downsample_rate
         self.add_token_pe = add_token_pe
-        self.self_attn = EfficientSamDecoderAttention(width, heads)
+        self.self_attn = EfficientSamDecoderAttention(config)
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.cross_attn_token_to_image = EfficientSamDecoderAttention(width, heads, rate)
+        self.cross_attn_token_to_image = EfficientSamDecoderAttention(config, rate)
         self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.mlp = EfficientSamMlp(width, config.mlp_dim, width, num_layers=2, act=config.hidden_act)
         self.norm3 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.cross_attn_image_to_token = EfficientSamDecoderAttention(width, heads, rate)
+        self.cross_attn_image_to_token = EfficientSamDecoderAttention(config, rate)
         self.norm4 = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
     def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False):
@@ -390,7 +391,7 @@ class EfficientSamTwoWayLayer(nn.Module):
             value = cross.split_heads(cross.v_proj(image))
             heads, head_dim = query.shape[2], query.shape[-1]
             stacked = query.permute(0, 2, 1, 3, 4).reshape(batch, heads, queries * num_tokens, head_dim)
-            attended, weights = _attention(stacked, key, value, cross.use_sdpa, return_weights)
+            attended, weights = _attention(stacked, key, value, cross.config._attn_implementation, return_weights)
             attended = attended.reshape(batch, heads, queries, num_tokens, head_dim).permute(0, 2, 3, 1, 4)
             attended = cross.out_proj(attended.reshape(batch, queries, num_tokens, -1))
             if weights is not None:
@@ -421,9 +422,7 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.layers = nn.ModuleList(
             EfficientSamTwoWayLayer(config, add_token_pe=index > 0) for index in range(config.num_hidden_layers)
         )
-        self.final_attn_token_to_image = EfficientSamDecoderAttention(
-            config.hidden_size, config.num_attention_heads, config.attention_downsample_rate
-        )
+        self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, tokens, image, image_pe, return_weights: bool = False):
@@ -550,29 +549,14 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
     def __init__(self, config: EfficientSamConfig):
         super().__init__(config)
         self.vision_encoder = EfficientSamVisionEncoder(config.vision_config)
-        self.prompt_encoder = EfficientSamPromptEncoder(config.prompt_encoder_config)
+        self.prompt_encoder = EfficientSamPromptEncoder(config)
         self.mask_decoder = EfficientSamMaskDecoder(config.mask_decoder_config)
         self.post_init()
-
-    # -- attention implementation ------------------------------------------------------------
-    def _apply_attention_implementation(self) -> None:
-        """Pass `config._attn_implementation` (which may change after loading) on to the attention layers."""
-        use_sdpa = getattr(self.config, "_attn_implementation", None) in (None, "sdpa")
-        if getattr(self, "_applied_use_sdpa", None) == use_sdpa:
-            return
-        self._applied_use_sdpa = use_sdpa
-        for module in self.modules():
-            if isinstance(module, (EfficientSamVisionAttention, EfficientSamDecoderAttention)):
-                module.use_sdpa = use_sdpa
 
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized pixels -> (B, C, h, w) image embeddings."""
         self._check_pixel_values(pixel_values)
-        self._apply_attention_implementation()
         return self.vision_encoder(pixel_values)[0]
-
-    def get_dense_positional_embedding(self) -> torch.Tensor:
-        return self.prompt_encoder.dense_positional_embedding()
 
     # -- input checks -----------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -656,7 +640,7 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
-        **kwargs,
+        original_sizes: Optional[torch.LongTensor] = None,
     ):
         r"""Segment the prompted objects.
 
@@ -672,15 +656,15 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
             output_attentions (`bool`): also return the decoder's token-to-image attention maps.
             output_hidden_states (`bool`): also return encoder hidden states and the decoder's output
                 tokens and upscaled embeddings.
+            original_sizes (`(B, 2)`): accepted and unused, so that the processor's output can be passed
+                as is (`model(**processor(images, input_boxes=...))`); the masks stay in the model frame
+                until `processor.post_process_masks` resizes them.
         """
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError(
                 "give exactly one of pixel_values (B, 3, S, S) or image_embeddings (B, C, h, w); got "
                 + ("both" if pixel_values is not None else "neither")
             )
-        self._apply_attention_implementation()
         vision_hidden_states = None
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)

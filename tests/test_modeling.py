@@ -535,6 +535,21 @@ def test_blocked_cpu_attention_equals_sdpa():
     # large half-precision attention at inference takes the blocked path; the result matches sdpa
     big = [t.repeat(1, 1, 2, 1)[:, :, :4096].bfloat16() for t in (query, key, value)]
     with torch.no_grad():
-        blocked, _ = _attention(*big, use_sdpa=True)
+        blocked, _ = _attention(*big, implementation="sdpa")
     fused = torch.nn.functional.scaled_dot_product_attention(*[t.float() for t in big])
     assert (blocked.float() - fused).abs().max() < 2e-2
+
+
+def test_prompt_encoder_sizes_come_from_the_vision_config():
+    """Sizes the prompt encoder shares with the image encoder are stored once; configs saved by earlier
+    versions (which repeated them under prompt_encoder_config) still load, and are checked."""
+    legacy = EfficientSamConfig.from_variant("vitt").to_dict()
+    legacy["prompt_encoder_config"].update(hidden_size=256, image_size=1024, image_embedding_size=64)
+    config = EfficientSamConfig(**{k: v for k, v in legacy.items() if k.endswith("_config")})
+    saved = config.to_dict()["prompt_encoder_config"]
+    assert not {"hidden_size", "image_size", "image_embedding_size"} & set(saved)
+    assert (config.image_size, config.image_embedding_size, config.image_embedding_width) == (1024, 64, 256)
+    with pytest.raises(ValueError, match="must match the vision encoder"):
+        EfficientSamConfig(prompt_encoder_config={"image_embedding_size": 32})
+    with pytest.raises(ValueError, match="must equal the image-embedding width"):
+        EfficientSamConfig(prompt_encoder_config={"hidden_size": 128})
