@@ -117,34 +117,64 @@ class EfficientSamImageProcessor(BaseImageProcessor):
 
     def post_process_masks(
         self,
-        pred_masks: torch.Tensor,
+        masks: torch.Tensor,
         original_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
-        binarize: bool = True,
+        reshaped_input_sizes: Optional[Union[torch.Tensor, Sequence[Sequence[int]]]] = None,
         mask_threshold: Optional[float] = None,
+        binarize: bool = True,
+        pad_size: Optional[dict] = None,
+        return_tensors: str = "pt",
     ) -> list[torch.Tensor]:
         """Resize low-resolution logits to each image's original size.
 
+        The call pattern is that of transformers' `SamImageProcessor.post_process_masks`
+        (`masks, original_sizes, reshaped_input_sizes, mask_threshold=0.0, binarize=True`). EfficientSAM
+        stretches the whole image to the square input without padding, so `reshaped_input_sizes` and
+        `pad_size`, when given, must describe that square (anything else is an error: those masks
+        were not made by this model's preprocessing).
+
         Args:
-            pred_masks: (B, Q, M, h, w) logits from the model (or (Q, M, h, w) for one image).
+            masks: (B, Q, M, h, w) logits from the model (or (Q, M, h, w) for one image).
             original_sizes: (B, 2) sizes as (H, W).
-            binarize: threshold at `mask_threshold` (default the processor's, 0.0) to booleans; if False,
-                return the resized logits.
+            reshaped_input_sizes: optional (B, 2); each must be (size, size).
+            mask_threshold: threshold for `binarize` (default the processor's, 0.0).
+            binarize: threshold to booleans; if False, return the resized logits.
+            pad_size: optional {"height": size, "width": size}.
 
         Returns a list of B tensors (Q, M, H, W): images may differ in size. The logits are resized
         bicubically (align_corners off) straight to H x W, as the original model.
         """
-        if pred_masks.dim() == 4:
-            pred_masks = pred_masks.unsqueeze(0)
-        if pred_masks.dim() != 5:
-            raise ValueError(f"pred_masks must have shape (B, Q, M, h, w); got {tuple(pred_masks.shape)}")
+        if not isinstance(binarize, bool):
+            raise TypeError(
+                f"binarize must be True or False, got {type(binarize).__name__}; pass other arguments by keyword: "
+                "post_process_masks(masks, original_sizes, reshaped_input_sizes=None, mask_threshold=None, binarize=True)"
+            )
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if not isinstance(masks, torch.Tensor):
+            raise TypeError(f"masks must be a torch.Tensor of logits (B, Q, M, h, w); got {type(masks).__name__}")
+        if masks.dim() == 4:
+            masks = masks.unsqueeze(0)
+        if masks.dim() != 5:
+            raise ValueError(f"masks must have shape (B, Q, M, h, w); got {tuple(masks.shape)}")
         sizes = torch.as_tensor(original_sizes).reshape(-1, 2).tolist()
-        if len(sizes) != pred_masks.shape[0]:
-            raise ValueError(f"{len(sizes)} original sizes for {pred_masks.shape[0]} images")
+        if len(sizes) != masks.shape[0]:
+            raise ValueError(f"{len(sizes)} original sizes for {masks.shape[0]} images")
+        square = [self.size, self.size]
+        if reshaped_input_sizes is not None:
+            reshaped = torch.as_tensor(reshaped_input_sizes).reshape(-1, 2).tolist()
+            if any(list(map(int, item)) != square for item in reshaped):
+                raise ValueError(
+                    f"reshaped_input_sizes {reshaped} differ from this processor's {self.size}x{self.size} input: "
+                    "EfficientSAM stretches every image to the square input (no aspect-preserving resize)"
+                )
+        if pad_size is not None and [pad_size.get("height"), pad_size.get("width")] != square:
+            raise ValueError(f"pad_size {pad_size} differs from the {self.size}x{self.size} input; EfficientSAM pads nothing")
         threshold = self.mask_threshold if mask_threshold is None else mask_threshold
         results = []
-        for masks, (height, width) in zip(pred_masks, sizes):
-            queries, candidates = masks.shape[:2]
-            flat = masks.reshape(queries * candidates, 1, *masks.shape[-2:])
+        for image_masks, (height, width) in zip(masks, sizes):
+            queries, candidates = image_masks.shape[:2]
+            flat = image_masks.reshape(queries * candidates, 1, *image_masks.shape[-2:])
             if flat.dtype != torch.float64:  # half types are resized in float32; float64 stays float64
                 flat = flat.to(torch.float32)
             resized = F.interpolate(flat, size=(int(height), int(width)), mode="bicubic", align_corners=False)

@@ -574,8 +574,11 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
         coordinate_dtype = self.prompt_encoder.coordinate_dtype
         if input_points is None and input_boxes is None:
             raise ValueError("give at least one prompt: input_points (with input_labels) or input_boxes")
-        if (input_points is None) != (input_labels is None):
-            raise ValueError("input_points and input_labels must be given together")
+        if input_labels is not None and input_points is None:
+            raise ValueError("input_labels were given without input_points")
+        if input_points is not None and input_labels is None and input_points.dim() == 4:
+            # as in SAM: points without labels are positive clicks
+            input_labels = torch.full(input_points.shape[:-1], LABEL_POSITIVE, device=input_points.device)
         parts_points, parts_labels = [], []
         if input_boxes is not None:
             if input_boxes.dim() != 3 or input_boxes.shape[-1] != 4:
@@ -649,7 +652,8 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
             image_embeddings (`(B, C, h, w)`): precomputed `get_image_embeddings` output, used instead
                 of `pixel_values` (give exactly one of the two).
             input_points (`(B, Q, P, 2)`): point prompts (x, y) in the S x S input frame, P <= 6.
-            input_labels (`(B, Q, P)`): 1 positive, 0 negative, 2 / 3 box corners, -1 padding.
+            input_labels (`(B, Q, P)`): 1 positive, 0 negative, 2 / 3 box corners, -1 padding; when
+                omitted, every point is positive.
             input_boxes (`(B, Q, 4)`): boxes (x1, y1, x2, y2) in the input frame; all-negative rows
                 are padded queries.
             multimask_output (`bool`): 3 candidates per query (True) or the single-mask output.

@@ -493,7 +493,8 @@ def test_trust_remote_code_loading_without_the_package(tmp_path, small_model):
         ({"image_embeddings": torch.randn(1, 16, 4, 4), "input_boxes": torch.zeros(1, 1, 4)}, r"\(batch, 32, 4, 4\)"),
         ({"image_embeddings": torch.randn(1, 32, 4, 4)}, "give at least one prompt"),
         ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.zeros(1, 4)}, r"input_boxes must have shape \(batch, queries, 4\)"),
-        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2, 2)}, "given together"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.ones(1, 1, 4),
+          "input_labels": torch.ones(1, 1, 2)}, "without input_points"),
         ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2),
           "input_labels": torch.zeros(1, 1)}, r"input_points must have shape \(batch, queries, points, 2\)"),
         ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 1, 2, 2),
@@ -553,3 +554,31 @@ def test_prompt_encoder_sizes_come_from_the_vision_config():
         EfficientSamConfig(prompt_encoder_config={"image_embedding_size": 32})
     with pytest.raises(ValueError, match="must equal the image-embedding width"):
         EfficientSamConfig(prompt_encoder_config={"hidden_size": 128})
+
+
+def test_sam_call_patterns():
+    """What users of transformers' SamModel / SamProcessor write works here too."""
+    model = EfficientSamModel(tiny_config()).eval()
+    processor = EfficientSamProcessor(EfficientSamImageProcessor(size=64))
+    image = (torch.rand(48, 80, 3) * 255).to(torch.uint8).numpy()
+    inputs = processor(images=image, input_boxes=[[[5, 6, 40, 30]]])
+    with torch.no_grad():
+        outputs = model(**inputs)  # original_sizes included
+        masks = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], [[64, 64]])
+        same = processor.post_process_masks(masks=outputs.pred_masks, original_sizes=inputs["original_sizes"],
+                                            reshaped_input_sizes=torch.tensor([[64, 64]]), mask_threshold=0.0,
+                                            binarize=True)
+    assert masks[0].shape == (1, 3, 48, 80) and masks[0].dtype == torch.bool
+    assert torch.equal(masks[0], same[0])
+    with pytest.raises(ValueError, match="stretches every image"):
+        processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], [[64, 48]])
+    with pytest.raises(TypeError, match="binarize must be True or False"):
+        processor.image_processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], None, 0.0,
+                                                     torch.ones(1))
+    # points without labels are positive points, in the processor and in the model
+    clicked = processor(images=image, input_points=[[[[20, 20]]]])
+    assert clicked["input_labels"].tolist() == [[[1]]]
+    with torch.no_grad():
+        implicit = model(pixel_values=clicked["pixel_values"], input_points=clicked["input_points"]).pred_masks
+        explicit = model(**clicked).pred_masks
+    assert torch.equal(implicit, explicit)
