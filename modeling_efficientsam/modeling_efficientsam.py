@@ -113,6 +113,10 @@ def _attention(query, key, value, implementation: Optional[str], return_weights:
             training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
             if not training or query.shape[-2] * key.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS:
                 return _blocked_attention(query, key, value), None
+        if torch.compiler.is_compiling():
+            # inductor's CPU attention lowering mis-broadcasts inputs expanded with zero strides (the
+            # image stream shared by every query): give it dense tensors
+            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         return F.scaled_dot_product_attention(query, key, value), None
     weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
     weights = weights.softmax(dim=-1)
