@@ -26,8 +26,15 @@ from pathlib import Path
 import datasets
 import torch
 
-from modeling_efficientsam.data import EfficientSamCollator, EfficientSamTrainingDataset, load_coco_split, prepare_coco_dataset
+from modeling_efficientsam.data import (
+    EfficientSamCollator,
+    EfficientSamTrainingDataset,
+    load_coco_split,
+    prepare_coco_dataset,
+    read_coco_json,
+)
 from modeling_efficientsam.data.synthetic_pcb import make_synthetic_pcb
+from modeling_efficientsam.file_utils import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared"
@@ -54,8 +61,8 @@ def _timed(function, repeats: int) -> list:
 def bench_conversion(args) -> dict:
     """Wafer dataset, all splits: validation alone, and the full conversion written to disk."""
     splits = wafer_splits(args.shared_dir)
-    num_annotations = sum(len(json.loads(Path(a).read_text())["annotations"]) for a, _ in splits.values())
-    num_images = sum(len(json.loads(Path(a).read_text())["images"]) for a, _ in splits.values())
+    num_annotations = sum(len(read_coco_json(a)["annotations"]) for a, _ in splits.values())
+    num_images = sum(len(read_coco_json(a)["images"]) for a, _ in splits.values())
     validate = _timed(lambda: [load_coco_split(a, d) for a, d in splits.values()], args.repeats)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
@@ -128,7 +135,7 @@ def bench_embedding_cache(args) -> dict:
     """Embedding cache on a wafer subset with a ViT-T-sized random model at 1024: build rate and size,
     then training-input batches/s read from the cache vs decoded images + the encoder run live."""
     from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
-    from modeling_efficientsam.data.embedding_cache import build_embedding_cache, embedding_reader
+    from modeling_efficientsam.data.embedding_cache import EmbeddingCacheReader, build_embedding_cache
 
     num_images, shard_size = args.cache_images, 4
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -168,7 +175,7 @@ def bench_embedding_cache(args) -> dict:
             return batches / (time.perf_counter() - start)
 
         options = dict(image_size=image_size, mask_size=image_size // 4, max_objects=10, prompt_mode="box")
-        cached = EfficientSamTrainingDataset(subset["train"], embedding_reader=embedding_reader(cache, "train"), **options)
+        cached = EfficientSamTrainingDataset(subset["train"], embedding_reader=EmbeddingCacheReader(cache, "train"), **options)
         live = EfficientSamTrainingDataset(subset["train"], **options)
         cached_bps = batches_per_s(cached, args.batches, encode=False)
         live_bps = batches_per_s(live, args.live_encoder_batches, encode=True)
@@ -255,8 +262,7 @@ def main(argv=None) -> int:
         result["measured"] = env["date"]
         sections[name] = result
         print_table(name, result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({**env, "sections": sections}, indent=2) + "\n")
+    write_json_atomic(args.output, {**env, "sections": sections}, indent=2)
     print(f"\nwrote {args.output}")
     return 0
 

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 
 from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+from modeling_efficientsam.data import read_coco_json
+from modeling_efficientsam.file_utils import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared"
@@ -208,7 +210,7 @@ def bench_predict_cli(shared: Path, num_images: int, work: Path) -> list:
     if not annotations.exists():
         print(f"  skipped: {annotations} not found (pass --shared_dir)")
         return []
-    document = json.loads(annotations.read_text())
+    document = read_coco_json(annotations)
     annotated = {a["image_id"] for a in document["annotations"]}
     images = [record for record in document["images"] if record["id"] in annotated][:num_images]
     keep = {record["id"] for record in images}
@@ -343,10 +345,7 @@ def main(argv=None) -> int:
         "latency": latency,
         "predict_cli": cli,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temp = args.output.with_name(f".{args.output.name}.tmp")
-    temp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temp, args.output)
+    write_json_atomic(args.output, result, indent=2)
     print()
     print(format_table(latency, cli))
     print(f"\nwrote {args.output} ({run_info['seconds']} s)")

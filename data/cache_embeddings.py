@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from modeling_efficientsam.data.embedding_cache import COMPUTE_DTYPES, STORAGE_DTYPES, build_embedding_cache
+from modeling_efficientsam.data.embedding_cache import COMPUTE_DTYPES, EMBEDDING_KEYS, STORAGE_DTYPES, build_embedding_cache
+from modeling_efficientsam.inference.predictor import resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,19 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)  # default: cuda when available
     total = 0
-    for role, model in zip(("student", "teacher"), args.model):
+    for role, key, model in zip(("student", "teacher"), EMBEDDING_KEYS, args.model):
         cache = build_embedding_cache(
             args.dataset, model, dtype=args.dtype, splits=args.splits, batch_size=args.batch_size,
             cache_root=args.cache_root, shard_size=args.shard_size, compute_dtype=args.compute_dtype,
             device=device, verify=args.verify,
         )
-        key = "image_embeddings" if role == "student" else "teacher_image_embeddings"
         print(f"{role} ({key}) -> {cache.root}")
         print(cache.storage_summary())
         for split, stats in cache.build_stats.items():

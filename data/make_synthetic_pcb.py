@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     splits = make_synthetic_pcb(args.output_dir, args.num_train, args.num_validation, args.seed, args.width, args.height)
-    for name, (annotations, _) in splits.items():
-        print(f"{name}: {annotations}")
+    for name, (annotations_path, _) in splits.items():
+        print(f"{name}: {annotations_path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -90,6 +90,9 @@ class EfficientSamVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
 
 
+# Points per query of the released models (a box counts as two).
+MAX_POINTS_PER_QUERY = 6
+
 # Sizes the prompt encoder takes from the rest of the model (token width = image-embedding width,
 # coordinate frame = input size, dense grid = token grid). Configs saved by earlier versions stored
 # them under `prompt_encoder_config`; they are still read, checked, and not stored again.
@@ -110,7 +113,7 @@ class EfficientSamPromptEncoderConfig(PretrainedConfig):
     model_type = "efficientsam_prompt_encoder"
     base_config_key = "prompt_encoder_config"
 
-    def __init__(self, max_num_points: int = 6, **kwargs):
+    def __init__(self, max_num_points: int = MAX_POINTS_PER_QUERY, **kwargs):
         self.derived_sizes_given = {key: kwargs.pop(key) for key in _DERIVED_PROMPT_ENCODER_KEYS if key in kwargs}
         super().__init__(**kwargs)
         self.max_num_points = max_num_points

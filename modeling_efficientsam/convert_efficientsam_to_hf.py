@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .file_utils import atomic_write, staged_directory
 from .configuration_efficientsam import ORIGINAL_VARIANTS, EfficientSamConfig
 from .image_processing_efficientsam import EfficientSamImageProcessor
 from .modeling_efficientsam import EfficientSamModel
@@ -93,11 +94,13 @@ def resolve_checkpoint(source: str, cache_dir: Optional[str] = None) -> Path:
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / os.path.basename(source.split("?")[0])
         if not target.exists():
-            partial = target.with_suffix(target.suffix + ".partial")
             print(f"downloading {source}")
-            with urllib.request.urlopen(source) as response, open(partial, "wb") as handle:
-                shutil.copyfileobj(response, handle)
-            partial.replace(target)
+
+            def download(temporary: str) -> None:
+                with urllib.request.urlopen(source) as response, open(temporary, "wb") as handle:
+                    shutil.copyfileobj(response, handle)
+
+            atomic_write(target, download)
         return target
     path = Path(source).expanduser()
     if path.exists():
@@ -228,9 +231,7 @@ def convert(
         _ok(f"reproduces {reference_io} ({report['dtype']}): {format_report(report)}")
 
     output = Path(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_directory(output) as staging:  # the folder appears whole, or not at all
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         reloaded = EfficientSamModel.from_pretrained(staging).eval()
@@ -241,12 +242,6 @@ def convert(
         if not (torch.equal(before.pred_masks, after.pred_masks) and torch.equal(before.iou_scores, after.iou_scores)):
             raise ValueError("the saved folder does not reproduce the converted model's outputs")
         _ok("saved folder (config.json, model.safetensors, processor config) reloads with identical outputs")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.replace(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     _ok(f"wrote {output}")
 
     if push_to_hub:

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_efficientsam import (
+from .configuration_efficientsam import (  # noqa: F401  (MAX_POINTS_PER_QUERY is re-exported with the labels)
+    MAX_POINTS_PER_QUERY,
     EfficientSamConfig,
     EfficientSamMaskDecoderConfig,
     EfficientSamVisionConfig,
@@ -556,6 +557,21 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
         self.prompt_encoder = EfficientSamPromptEncoder(config)
         self.mask_decoder = EfficientSamMaskDecoder(config.mask_decoder_config)
         self.post_init()
+
+    #: Auto classes written into `config.auto_map` next to the one `register_for_auto_class` names
+    #: (transformers keeps a single `_auto_class` per model class).
+    extra_auto_classes = ("AutoModelForMaskGeneration",)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, also mapping `extra_auto_classes` to this class in `auto_map`
+        when the class is registered for remote code, so that `pipeline("mask-generation", folder,
+        trust_remote_code=True)` finds the model without this package."""
+        if self._auto_class is not None:
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({auto_class: name for auto_class in self.extra_auto_classes})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized pixels -> (B, C, h, w) image embeddings."""

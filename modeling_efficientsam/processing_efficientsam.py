@@ -18,7 +18,7 @@ import torch
 from transformers import ProcessorMixin
 from transformers.image_processing_utils import BatchFeature
 
-from .modeling_efficientsam import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING, VALID_LABELS
+from .modeling_efficientsam import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING, LABEL_POSITIVE, VALID_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,10 @@ class EfficientSamProcessor(ProcessorMixin):
         boxes = _per_image(input_boxes, 2, "input_boxes", num_images)
         points = _per_image(input_points, 3, "input_points", num_images)
         labels = _per_image(input_labels, 2, "input_labels", num_images)
-        if (points is None) != (labels is None):
-            raise ValueError("input_points and input_labels must be given together")
+        if labels is not None and points is None:
+            raise ValueError("input_labels were given without input_points")
+        if points is not None and labels is None:  # as in SAM: points without labels are positive clicks
+            labels = [np.full(pts.shape[:-1], float(LABEL_POSITIVE)) for pts in points]
         if boxes is not None:
             data["input_boxes"] = self._pad_stack(
                 [self.rescale_boxes(b, s, box_format, normalized, i) for i, (b, s) in enumerate(zip(boxes, sizes))],
@@ -251,6 +253,7 @@ class EfficientSamProcessor(ProcessorMixin):
         return torch.from_numpy(out)
 
     def post_process_masks(self, *args, **kwargs):
+        """See `EfficientSamImageProcessor.post_process_masks` (SAM's call pattern)."""
         return self.image_processor.post_process_masks(*args, **kwargs)
 
 

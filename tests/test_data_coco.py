@@ -21,7 +21,9 @@ from modeling_efficientsam.data import (
     DROP_REASONS,
     REPAIR_REASONS,
     CocoValidationError,
+    category_names,
     conversion_metadata,
+    dataset_categories,
     decode_rle,
     load_or_prepare,
     prepare_coco_dataset,
@@ -140,6 +142,10 @@ def test_wafer_categories_and_metadata(wafer):
     assert feature.names == [name for _, name in categories]
     metadata = conversion_metadata(prepared["train"])
     assert metadata["coco_category_ids"] == [category_id for category_id, _ in categories]
+    # the one reader of category names (training's id2label, evaluation's COCO categories)
+    assert category_names(prepared["train"]) == [name for _, name in categories]
+    assert dataset_categories(prepared["train"]) == ([category_id for category_id, _ in categories],
+                                                     [name for _, name in categories])
     annotations = {a["id"]: a for a in document["annotations"]}
     for objects in prepared["train"]["objects"]:
         for obj in objects:

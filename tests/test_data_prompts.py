@@ -21,6 +21,8 @@ from modeling_efficientsam.data import (
     resize_mask,
 )
 from modeling_efficientsam.data.prompts import pad_queries
+from modeling_efficientsam.image_processing_efficientsam import EfficientSamImageProcessor
+from modeling_efficientsam.processing_efficientsam import EfficientSamProcessor
 
 S, M = 64, 16  # small model frame and target size keep the tests fast
 
@@ -141,9 +143,13 @@ def test_box_prompts_are_corners_labelled_2_and_3_in_the_model_frame(split):
     assert item["input_labels"].shape == (12, 2)
     assert (item["input_labels"] == torch.tensor([2, 3])).all()
     frame = np.array([S / row["width"], S / row["height"]])
+    processor = EfficientSamProcessor(EfficientSamImageProcessor(size=S))
     for query_points, obj in zip(item["input_points"].numpy(), match_objects(item, row)):
         expected = np.array(obj["box"]).reshape(2, 2) * frame
         np.testing.assert_allclose(query_points, expected, rtol=1e-6)
+        # the same numbers as the processor's (the owner of pixel -> model-frame scaling) for that box
+        by_processor = processor(original_sizes=[(row["height"], row["width"])], input_boxes=[[obj["box"]]])["input_boxes"]
+        assert np.array_equal(query_points.reshape(4), by_processor.numpy().reshape(4))
 
 
 def test_point_prompts_lie_inside_the_mask_and_negatives_inside_box_outside_mask(split):

@@ -18,10 +18,10 @@ import torch
 from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
 from modeling_efficientsam.data import EfficientSamCollator, EfficientSamTrainingDataset, make_synthetic_pcb, prepare_coco_dataset
 from modeling_efficientsam.data.embedding_cache import (
+    EmbeddingCache,
     EmbeddingCacheError,
     EmbeddingCacheReader,
     build_embedding_cache,
-    embedding_reader,
     open_embedding_cache,
     vision_encoder_fingerprint,
 )
@@ -83,7 +83,7 @@ def test_float32_cache_items_equal_live_encoder(dataset, student, tmp_path):
     assert cache.build_stats["train"]["computed_shards"] == [0, 1, 2]
     live = EfficientSamTrainingDataset(dataset["train"], image_size=128, mask_size=32, seed=7)
     cached = EfficientSamTrainingDataset(dataset["train"], image_size=128, mask_size=32, seed=7,
-                                         embedding_reader=pickle.loads(pickle.dumps(embedding_reader(cache, "train"))))
+                                         embedding_reader=pickle.loads(pickle.dumps(EmbeddingCacheReader(cache, "train"))))
     for index in range(len(live)):
         a, b = live[index], cached[index]
         assert "pixel_values" not in b and b["image_embeddings"].dtype == torch.float32
@@ -96,7 +96,7 @@ def test_batched_build_differs_only_by_batching(dataset, student, tmp_path):
     # encoder run on the same 2-image batches, not necessarily the per-image output.
     cache = build_embedding_cache(dataset, student, dtype="float32", batch_size=2, shard_size=4,
                                   splits=["train"], cache_root=tmp_path)
-    reader = cache.reader("train")
+    reader = EmbeddingCacheReader(cache, "train")
     items = EfficientSamTrainingDataset(dataset["train"], image_size=128)
     pixels = torch.stack([items[i]["pixel_values"] for i in range(len(items))])
     ids = [int(i) for i in dataset["train"]["image_id"]]
@@ -110,13 +110,13 @@ def test_bfloat16_storage_is_rounded_live_output(dataset, student, tmp_path):
     cache = build_embedding_cache(dataset, student, splits=["validation"], batch_size=1, cache_root=tmp_path)
     assert cache.dtype == "bfloat16" and cache.bytes_per_image() == 64 * 8 * 8 * 2
     items = EfficientSamTrainingDataset(dataset["validation"], image_size=128)
-    raw = cache.reader("validation", output_dtype=None)
+    raw = EmbeddingCacheReader(cache, "validation", output_dtype=None)
     for index in range(len(items)):
         item = items[index]
         expected = live_embedding(student, item["pixel_values"]).to(torch.bfloat16)
         stored = raw.get(int(item["image_id"]))
         assert stored.dtype == torch.bfloat16 and torch.equal(stored, expected)
-        assert torch.equal(cache.reader("validation").get(int(item["image_id"])), expected.float())
+        assert torch.equal(EmbeddingCacheReader(cache, "validation").get(int(item["image_id"])), expected.float())
     summary = cache.storage_summary()
     assert "64 x 8 x 8 bfloat16" in summary and "validation: 2 images" in summary and "total: 2 images" in summary
     with pytest.raises(KeyError, match="not in the embedding cache"):
@@ -126,7 +126,7 @@ def test_bfloat16_storage_is_rounded_live_output(dataset, student, tmp_path):
 def test_changed_encoder_weight_is_a_miss_and_decoder_weight_is_not(dataset, tmp_path):
     model = tiny_model(0)
     original = build_embedding_cache(dataset, model, dtype="float32", batch_size=1, shard_size=8, cache_root=tmp_path)
-    old_rows = {i: original.reader("train").get(i) for i in (1, 2)}
+    old_rows = {i: EmbeddingCacheReader(original, "train").get(i) for i in (1, 2)}
 
     with torch.no_grad():
         model.mask_decoder.iou_token[0, 0] += 1.0  # not part of the encoder: the cache still applies
@@ -136,15 +136,16 @@ def test_changed_encoder_weight_is_a_miss_and_decoder_weight_is_not(dataset, tmp
         model.vision_encoder.neck.conv2.weight[0, 0, 0, 0] += 0.5
     with pytest.raises(EmbeddingCacheError):
         open_embedding_cache(dataset, model, dtype="float32", cache_root=tmp_path)
-    with pytest.raises(EmbeddingCacheError, match="another fingerprint"):  # the old directory read with the new key
-        EmbeddingCacheReader(os.path.join(original.root, "train"), expected_fingerprint="0" * 64)
+    with pytest.raises(EmbeddingCacheError, match="another fingerprint"):  # the old directory read with another key
+        stale = EmbeddingCache(original.root, {"fingerprint": "0" * 64, "parts": original.parts}, original.metadata)
+        EmbeddingCacheReader(stale, "train")
     rebuilt = build_embedding_cache(dataset, model, dtype="float32", batch_size=1, shard_size=8, cache_root=tmp_path)
     assert rebuilt.root != original.root
     assert rebuilt.build_stats["train"]["computed_shards"] == [0] and rebuilt.build_stats["train"]["reused_shards"] == []
     items = EfficientSamTrainingDataset(dataset["train"], image_size=128)
     for index in range(2):
         image_id = int(items[index]["image_id"])
-        fresh = rebuilt.reader("train").get(image_id)
+        fresh = EmbeddingCacheReader(rebuilt, "train").get(image_id)
         assert torch.equal(fresh, live_embedding(model, items[index]["pixel_values"]))
         assert not torch.equal(fresh, old_rows[image_id])
     # Other storage dtypes are other caches.
@@ -162,7 +163,7 @@ def test_changed_split_is_rebuilt_not_reused(dataset, student, tmp_path):
     rebuilt = build_embedding_cache(subset, student, shard_size=2, cache_root=tmp_path)
     assert rebuilt.build_stats["train"]["computed_shards"] == [0, 1]
     assert rebuilt.build_stats["validation"]["computed_shards"] == []  # untouched split is reused
-    assert len(rebuilt.reader("train")) == 3 and 2 not in rebuilt.reader("train")
+    assert len(EmbeddingCacheReader(rebuilt, "train")) == 3 and 2 not in EmbeddingCacheReader(rebuilt, "train")
 
 
 def test_interrupted_build_resumes_with_missing_shards_only(dataset, student, tmp_path):
@@ -220,7 +221,8 @@ def test_student_and_teacher_keys_and_dataloader_workers(dataset, student, teach
     caches = [build_embedding_cache(dataset, model, dtype="float32", splits=["train"], batch_size=1, shard_size=2,
                                     cache_root=tmp_path) for model in (student, teacher)]
     assert caches[0].root != caches[1].root
-    reader = embedding_reader(caches, "train")
+    reader = EmbeddingCacheReader(caches, "train")
+    assert reader.keys == ("image_embeddings", "teacher_image_embeddings")
     items = EfficientSamTrainingDataset(dataset["train"], image_size=128, mask_size=32, embedding_reader=reader)
     live = EfficientSamTrainingDataset(dataset["train"], image_size=128, mask_size=32)
     loader = torch.utils.data.DataLoader(items, batch_size=5, num_workers=2, collate_fn=EfficientSamCollator())
@@ -231,7 +233,11 @@ def test_student_and_teacher_keys_and_dataloader_workers(dataset, student, teach
         assert torch.equal(batch["image_embeddings"][index], live_embedding(student, pixels))
         assert torch.equal(batch["teacher_image_embeddings"][index], live_embedding(teacher, pixels))
     with pytest.raises(ValueError):
-        embedding_reader(caches * 2, "train")
+        EmbeddingCacheReader(caches * 2, "train")
+    with pytest.raises(KeyError, match="not in this cache"):
+        EmbeddingCacheReader(caches, "validation")  # built for train only
+    with pytest.raises(KeyError, match="teacher_image_embeddings"):
+        EmbeddingCacheReader(caches[0], "train").get(1, key="teacher_image_embeddings")
 
 
 def test_command_line_student_and_teacher(dataset_dir, student, teacher, tmp_path, capsys):
@@ -270,7 +276,7 @@ def test_compute_dtype_autocast_is_its_own_cache(dataset, student, tmp_path):
         student.eval()
     assert mixed.root != full.root and mixed.parts["compute_dtype"] == "bfloat16"
     image_id = int(dataset["validation"][0]["image_id"])
-    a, b = full.reader("validation").get(image_id), mixed.reader("validation").get(image_id)
+    a, b = EmbeddingCacheReader(full, "validation").get(image_id), EmbeddingCacheReader(mixed, "validation").get(image_id)
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1, rtol=0.1)
     assert next(student.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="compute_dtype"):

@@ -13,15 +13,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
-from modeling_efficientsam.data import prepare_coco_dataset
+from modeling_efficientsam.data import dataset_categories, prepare_coco_dataset
 from modeling_efficientsam.inference.evaluate_cli import main as evaluate_main
 from modeling_efficientsam.inference.evaluate_cli import model_labels
-from modeling_efficientsam.inference.evaluation import (
-    coco_ground_truth,
-    dataset_categories,
-    evaluate_predictor,
-    make_prompts,
-)
+from modeling_efficientsam.inference.evaluation import coco_ground_truth, evaluate_predictor, make_prompts
 from modeling_efficientsam.metrics import boundary_f_score
 
 TINY_CONFIG = {

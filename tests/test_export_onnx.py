@@ -22,6 +22,7 @@ from modeling_efficientsam import (  # noqa: E402
 )
 from modeling_efficientsam.inference.export_onnx import check_with_onnxruntime, export_graphs  # noqa: E402
 from modeling_efficientsam.inference.export_onnx import main as export_main  # noqa: E402
+from modeling_efficientsam.processing_efficientsam import box_corner_points  # noqa: E402
 
 TINY_CONFIG = {
     "img_size": 64, "patch_size": 16, "patch_embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
@@ -75,8 +76,10 @@ def test_onnx_runtime_matches_pytorch_end_to_end(exported):
     encoder = ort.InferenceSession(str(out / "encoder.onnx"))
     decoder = ort.InferenceSession(str(out / "decoder.onnx"))
     (embeddings,) = encoder.run(None, {"pixel_values": inputs["pixel_values"].numpy()})
-    points = inputs["input_boxes"].numpy().reshape(1, -1, 2, 2).astype(np.float32)
-    labels = np.tile(np.array([2, 3], dtype=np.int64), (1, points.shape[1], 1))
+    points, labels = box_corner_points(inputs["input_boxes"].numpy())  # the processor's box -> corner points
+    points = points.astype(np.float32)
+    assert points.shape == (1, 4, 2, 2) and labels.tolist() == [[[2, 3]] * 4]
+    np.testing.assert_array_equal(points.reshape(1, 4, 4), inputs["input_boxes"].numpy())
     iou, logits = decoder.run(None, {"image_embeddings": embeddings, "input_points": points, "input_labels": labels})
     with torch.no_grad():
         reference = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"])
@@ -107,3 +110,19 @@ def test_check_fails_for_a_wrong_graph(exported, tmp_path):
         by_output.setdefault(check["output"], []).append(check["passed"])
     assert all(by_output["image_embeddings"])
     assert not any(by_output["pred_masks"]) and not any(by_output["iou_scores"])
+
+
+def test_printed_usage_example_runs(exported, tmp_path):
+    """The example the command prints (processor, box -> corner points, candidate choice) works as written."""
+    from PIL import Image
+
+    from modeling_efficientsam.inference.export_onnx import USAGE_EXAMPLE
+
+    _, out, _, printed = exported
+    assert USAGE_EXAMPLE.format(out=out) in printed
+    image_path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image_path)
+    code = USAGE_EXAMPLE.format(out=out).replace("image.jpg", str(image_path)).replace("x1, y1, x2, y2", "5, 5, 40, 30")
+    namespace = {}
+    exec(code, namespace)
+    assert namespace["masks"].shape == (1, 40, 60) and namespace["masks"].dtype == torch.bool

@@ -128,6 +128,12 @@ def test_batch_statistics_choose_highest_predicted_iou_and_drop_padding():
     chosen = select_by_predicted_iou(pred_masks=pred, iou_scores=scores)
     torch.testing.assert_close(chosen[0, 0], good[0, 0])
     torch.testing.assert_close(chosen[0, 1], -good[0, 1])
+    # one image's (Q, M, H, W) logits, as the predictor and the overlay callback pass them
+    single, index, score = select_by_predicted_iou(pred_masks=pred[0], iou_scores=scores[0], return_index=True)
+    torch.testing.assert_close(single, chosen[0])
+    assert index.tolist() == [1, 0] and score.tolist() == pytest.approx([0.9, 0.8])
+    with pytest.raises(ValueError, match="do not match"):
+        select_by_predicted_iou(pred_masks=pred, iou_scores=scores[..., :2])
     stats = batch_segmentation_statistics(
         pred_masks=pred, iou_scores=scores, labels=labels, query_mask=torch.tensor([[True, False]]),
         category_ids=torch.tensor([[3, -1]]),

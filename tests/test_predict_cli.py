@@ -156,6 +156,32 @@ def test_detections_need_image_info_and_are_filtered_by_score(model_dir, coco_ca
     COCO(str(coco_case)).loadRes(str(tmp_path / "out" / "segmentation_results.json"))
 
 
+BAD_BOX_FILES = {
+    "broken.json": ("{not json", ["file", "cannot read it as JSON"]),
+    "no_score.json": (json.dumps([{"image_id": 1, "bbox": [1, 1, 5, 5]}]), ["detection 0", '"score"']),
+    "short_bbox.json": (json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                    "annotations": [{"id": 7, "image_id": 1, "bbox": [1, 2, 3]}]}),
+                        ["annotation 7", '"bbox" must be [x, y, width, height]']),
+    "duplicate_image.json": (json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+                                         "annotations": []}), ["image id 1 (b.png)", "duplicate image id"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_BOX_FILES))
+def test_unusable_box_files_are_errors_naming_file_record_and_fix(model_dir, coco_case, tmp_path, name):
+    text, fragments = BAD_BOX_FILES[name]
+    boxes = tmp_path / name
+    boxes.write_text(text)
+    extra = ["--image_info", str(coco_case)] if name == "no_score.json" else []
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        status, _ = _run(["--model", str(model_dir), "--images", str(coco_case.parent), "--boxes", str(boxes),
+                          "--output_dir", str(tmp_path / "out")] + extra)
+    message = err.getvalue()
+    assert status == 2 and str(boxes) in message and "Fix:" in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
 def test_listed_files_restrict_the_records(model_dir, coco_case, tmp_path):
     status, printed = _run(["--model", str(model_dir), "--images", str(coco_case.parent / "sub" / "b.jpg"),
                             "--boxes", str(coco_case), "--output_dir", str(tmp_path / "out")])

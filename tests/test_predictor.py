@@ -196,11 +196,29 @@ def test_bfloat16_on_cpu(model_dir, image, autocast):
     assert agreement > 0.9, f"bf16 masks agree on {agreement:.1%} of pixels"
 
 
-def test_model_without_saved_processor_gets_default(tmp_path, image):
+def test_model_without_saved_processor_gets_default(tmp_path, image, caplog):
     tiny_model().save_pretrained(tmp_path)  # no processor config in the folder
-    predictor = EfficientSamPredictor.from_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="modeling_efficientsam.processing_efficientsam"):
+        predictor = EfficientSamPredictor.from_pretrained(tmp_path)
     assert predictor.processor.size == 128
+    assert "has no processor config" in caplog.text and str(tmp_path) in caplog.text
     assert predictor.predict(image, PIXEL_BOXES[:1]).masks.shape == (1, 90, 120)
+
+
+@pytest.mark.parametrize("name", ["processor_config.json", "preprocessor_config.json"])
+def test_malformed_processor_config_is_an_error_naming_the_file(tmp_path, name):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / name).write_text('{"image_processor": {"size": 64,')  # truncated
+    with pytest.raises(ValueError, match="not valid JSON") as caught:
+        EfficientSamPredictor.from_pretrained(tmp_path)
+    assert str(tmp_path / name) in str(caught.value) and "Fix:" in str(caught.value)
+
+
+def test_processor_saved_under_the_older_file_name_is_used(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    EfficientSamImageProcessor(size=128, mask_threshold=0.25).save_pretrained(tmp_path)  # preprocessor_config.json
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    assert EfficientSamPredictor.from_pretrained(tmp_path).processor.image_processor.mask_threshold == 0.25
 
 
 def test_reference_fixture_loads(shared_path, tmp_path):

@@ -1,9 +1,17 @@
 """Data for EfficientSAM fine-tuning: COCO conversion with a validation report, training prompts,
 the batch collator, and a synthetic PCB sample dataset. Formats are described in data/README.md."""
 
-from .coco import DROP_REASONS, REPAIR_REASONS, CocoValidationError, load_coco_split
+from .coco import CocoValidationError, load_box_source, read_coco_json
+from .coco_cleaning import DROP_REASONS, REPAIR_REASONS, load_coco_split
 from .collator import EfficientSamCollator
-from .conversion import coco_features, conversion_metadata, load_or_prepare, prepare_coco_dataset
+from .conversion import (
+    category_names,
+    coco_features,
+    conversion_metadata,
+    dataset_categories,
+    load_or_prepare,
+    prepare_coco_dataset,
+)
 from .fingerprint import conversion_fingerprint
 from .masks import decode_rle, encode_mask, mask_coverage, resize_mask
 from .prompts import box_query, jitter_box, point_query, sample_negative_points, sample_positive_points
@@ -18,20 +26,24 @@ __all__ = [
     "EfficientSamTrainingDataset",
     "REPAIR_REASONS",
     "box_query",
+    "category_names",
     "coco_features",
     "conversion_fingerprint",
     "conversion_metadata",
+    "dataset_categories",
     "decode_rle",
     "efficientsam_pixel_values",
     "encode_mask",
     "format_report",
     "jitter_box",
+    "load_box_source",
     "load_coco_split",
     "load_or_prepare",
     "make_synthetic_pcb",
     "mask_coverage",
     "point_query",
     "prepare_coco_dataset",
+    "read_coco_json",
     "read_report",
     "resize_mask",
     "sample_negative_points",

@@ -1,19 +1,10 @@
-"""Read a COCO instance-segmentation file, reject what cannot be trusted, repair or drop the rest.
+"""Reading COCO JSON files: the one reader for the dataset conversion and the command lines.
 
-Two kinds of problems are told apart:
-
-* fatal problems (:class:`CocoValidationError`): the file is not COCO, ids collide, a reference
-  points nowhere, a record is malformed. Converting anyway would guess, so we stop and say which
-  file, which record and what to change.
-* annotation problems that have one obvious repair or that make the annotation unusable. They are
-  repaired or dropped, and every affected annotation id is recorded under a named reason (see
-  :data:`REPAIR_REASONS` and :data:`DROP_REASONS`) so the report accounts for each of them. With
-  ``strict=True`` each of them is a :class:`CocoValidationError` instead.
-
-Masks are computed exactly as ``pycocotools.coco.COCO.annToRLE`` does (polygons rasterised at the
-JSON image size and merged; uncompressed RLE compressed; compressed RLE kept), so a decoded mask
-equals ``COCO.annToMask`` bit for bit. Box checks use ``pycocotools.mask.toBbox`` and ``area`` on
-the RLE, so no dense mask is built during conversion.
+Everything that opens a COCO file goes through here: instance-segmentation files for the dataset
+conversion (:func:`read_coco_json`, then ``coco_cleaning.load_coco_split``) and the box sources of
+``efficientsam-predict`` (:func:`load_box_source`: an annotations file or a detection results
+list). Problems that make a file unusable raise :class:`CocoValidationError` (a ``ValueError``)
+with one message shape: ``FILE: RECORD: PROBLEM. Fix: WHAT TO CHANGE``.
 """
 
 from __future__ import annotations
@@ -24,105 +15,99 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pycocotools import mask as mask_utils
-
-# Repairs keep the annotation; drops remove it. Keys are the reason names used in report.json.
-REPAIR_REASONS = {
-    "polygon_part_too_few_points": "a polygon part with fewer than 3 points was removed (other parts kept)",
-    "box_missing": "the annotation has no bbox; the mask's tight box is used",
-    "box_outside_image": "the box reached outside the image and was clipped to it",
-    "box_zero_size": "the box had zero (or negative) width or height; the mask's tight box is used",
-}
-DROP_REASONS = {
-    "segmentation_missing": "the annotation has no segmentation (missing, null or empty)",
-    "no_valid_polygon": "every polygon part had fewer than 3 points",
-    "empty_mask": "the mask covers no pixel",
-    "box_mask_mismatch": "the IoU between the box and the mask's tight box is below box_mask_iou_threshold",
-}
-
 
 class CocoValidationError(ValueError):
-    """A COCO file (or an image it references) cannot be converted as it is.
+    """A COCO file (or an image it references) cannot be used as it is.
 
     The message names the file, the record (image id, annotation id or file name) and the fix.
     """
 
 
-def _fail(path: str, record: str, problem: str, fix: str) -> CocoValidationError:
+def coco_error(path, record: str, problem: str, fix: str) -> CocoValidationError:
+    """The error for ``record`` of the file ``path``: ``"{path}: {record}: {problem}. Fix: {fix}"``."""
     return CocoValidationError(f"{path}: {record}: {problem}. Fix: {fix}")
 
 
 @dataclass
 class CocoImage:
-    """One image record of the JSON plus its cleaned annotations."""
+    """One image record of the JSON (plus, after cleaning, its annotations as ``objects``).
+
+    ``width`` and ``height`` are None only for records read with ``require_size=False``.
+    """
 
     id: int
     file_name: str
-    width: int
-    height: int
-    objects: list = field(default_factory=list)  # dicts, see clean_annotation
+    width: Optional[int]
+    height: Optional[int]
+    objects: list = field(default_factory=list)  # dicts, see coco_cleaning.clean_annotation
 
 
-@dataclass
-class CocoSplit:
-    """A parsed and cleaned COCO file."""
-
-    annotations_path: str
-    images_dir: str
-    categories: dict  # COCO category id -> name
-    images: list  # CocoImage, in JSON order
-    num_annotations: int
-    dropped: dict  # reason -> [annotation ids]
-    repaired: dict  # reason -> [annotation ids]
-
-
-def read_coco_json(path: str | os.PathLike) -> dict:
-    """Load the JSON and check its top level; errors name the file."""
+def read_json_file(path, what: str = "annotation") -> object:
+    """Parse a JSON file; a missing or unreadable file is a :class:`CocoValidationError`."""
     path = str(path)
     try:
         with open(path, "rb") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
-        raise _fail(path, "file", "annotation file not found", "pass the path of an existing COCO JSON file") from None
+        raise coco_error(path, "file", f"{what} file not found", "pass the path of an existing COCO JSON file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _fail(path, "file", f"cannot read it as JSON ({error})", "export the annotations again as COCO JSON") from error
+        raise coco_error(path, "file", f"cannot read it as JSON ({error})", "export the file again as COCO JSON") from error
+
+
+def read_coco_json(path) -> dict:
+    """Load an instance-segmentation file and check its top level (``images``, ``annotations``, ``categories``)."""
+    path = str(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
-        raise _fail(path, "top level", f"expected a JSON object, found {type(data).__name__}", "export the annotations as COCO JSON")
+        raise coco_error(path, "top level", f"expected a JSON object, found {type(data).__name__}",
+                         "export the annotations as COCO JSON")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             found = "missing" if key not in data else f"a {type(data[key]).__name__}"
-            raise _fail(
+            raise coco_error(
                 path, f'key "{key}"', f"a COCO instance file needs a list here, found {found}",
                 "export instance segmentation annotations in COCO format (images, annotations, categories)",
             )
     return data
 
 
-def _require_int(path, record, entry, key, positive=False):
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_int(path, record: str, entry: dict, key: str, positive: bool = False) -> int:
     value = entry.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise _fail(path, record, f'field "{key}" must be an integer, found {value!r}', f'set "{key}" to an integer')
+        raise coco_error(path, record, f'field "{key}" must be an integer, found {value!r}', f'set "{key}" to an integer')
     if positive and value <= 0:
-        raise _fail(path, record, f'field "{key}" must be positive, found {value!r}', f'set "{key}" to the image size in pixels')
+        raise coco_error(path, record, f'field "{key}" must be positive, found {value!r}', f'set "{key}" to the image size in pixels')
     return int(value)
 
 
-def parse_categories(path: str, data: dict) -> dict:
+def parse_bbox(path, record: str, bbox) -> list:
+    """A COCO ``bbox`` ``[x, y, width, height]`` as four floats (any finite numbers; checked later)."""
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+        raise coco_error(path, record, f'"bbox" must be [x, y, width, height], found {bbox!r}', "fix or remove the bbox")
+    return [float(v) for v in bbox]
+
+
+def parse_categories(path, data: dict) -> dict:
     """COCO category id -> name; duplicate ids or names are fatal."""
     categories: dict = {}
     names: dict = {}
     for index, entry in enumerate(data["categories"]):
         record = f"categories[{index}]"
         if not isinstance(entry, dict):
-            raise _fail(path, record, "a category must be an object", 'give each category an "id" and a "name"')
-        category_id = _require_int(path, record, entry, "id")
+            raise coco_error(path, record, "a category must be an object", 'give each category an "id" and a "name"')
+        category_id = require_int(path, record, entry, "id")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
-            raise _fail(path, f"category id {category_id}", f'"name" must be a non-empty string, found {name!r}', "name the category")
+            raise coco_error(path, f"category id {category_id}", f'"name" must be a non-empty string, found {name!r}',
+                             "name the category")
         if category_id in categories:
-            raise _fail(path, f"category id {category_id}", "duplicate category id", "give every category a unique id")
+            raise coco_error(path, f"category id {category_id}", "duplicate category id", "give every category a unique id")
         if name in names:
-            raise _fail(
+            raise coco_error(
                 path, f"category id {category_id}", f'name "{name}" is also used by category id {names[name]}',
                 "give every category a unique name (or merge the two categories)",
             )
@@ -131,204 +116,148 @@ def parse_categories(path: str, data: dict) -> dict:
     return categories
 
 
-def parse_images(path: str, data: dict) -> list:
+def parse_images(path, data: dict, require_size: bool = True) -> list:
+    """The ``images`` list as :class:`CocoImage` records (JSON order); duplicate ids are fatal.
+
+    With ``require_size=False`` a record may leave out ``width`` / ``height`` (given ones are checked).
+    """
     images, seen = [], set()
     for index, entry in enumerate(data["images"]):
         record = f"images[{index}]"
         if not isinstance(entry, dict):
-            raise _fail(path, record, "an image record must be an object", 'give each image "id", "file_name", "width", "height"')
-        image_id = _require_int(path, record, entry, "id")
+            raise coco_error(path, record, "an image record must be an object", 'give each image "id", "file_name", "width", "height"')
+        image_id = require_int(path, record, entry, "id")
         record = f"image id {image_id}"
         file_name = entry.get("file_name")
         if not isinstance(file_name, str) or not file_name:
-            raise _fail(path, record, f'"file_name" must be a non-empty string, found {file_name!r}', "set the image file name")
+            raise coco_error(path, record, f'"file_name" must be a non-empty string, found {file_name!r}', "set the image file name")
         record = f"image id {image_id} ({file_name})"
         if image_id in seen:
-            raise _fail(path, record, "duplicate image id", "give every image a unique id")
+            raise coco_error(path, record, "duplicate image id", "give every image a unique id")
         seen.add(image_id)
-        width = _require_int(path, record, entry, "width", positive=True)
-        height = _require_int(path, record, entry, "height", positive=True)
-        images.append(CocoImage(id=image_id, file_name=file_name, width=width, height=height))
+        sizes = [require_int(path, record, entry, key, positive=True)
+                 if require_size or entry.get(key) is not None else None for key in ("width", "height")]
+        images.append(CocoImage(id=image_id, file_name=file_name, width=sizes[0], height=sizes[1]))
     return images
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# ----------------------------------------------------------------------------------------------
+# box sources for prompting: a COCO annotations file or a COCO detection results list
+# ----------------------------------------------------------------------------------------------
 
 
-def segmentation_to_rle(path, record, segmentation, height, width, repairs):
-    """COCO segmentation -> (compressed RLE dict or None, drop reason or None).
+@dataclass
+class BoxEntry:
+    """One prompt box: xywh pixels, its category and where it came from."""
 
-    Mirrors ``COCO.annToRLE``; polygon parts with fewer than 3 points are removed first (noted in
-    ``repairs``) because pycocotools would read a 2-point part as a box.
+    bbox: list
+    category_id: int
+    source: str  # "annotation 12" / "detection 3"
+    detection_score: Optional[float] = None
+
+
+@dataclass
+class BoxSource:
+    kind: str  # "annotations" or "detections"
+    images: dict  # image id -> CocoImage, in file order
+    boxes: dict  # image id -> [BoxEntry]
+    problems: dict = field(default_factory=dict)  # reason -> list of descriptions
+    counts: dict = field(default_factory=dict)  # reason -> count (for things not worth listing)
+
+    def report(self, reason: str, description: str) -> None:
+        self.problems.setdefault(reason, []).append(description)
+
+
+def _images_of(path, document) -> dict:
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise coco_error(path, 'key "images"', 'expected a COCO file with an "images" list',
+                         "give a COCO file whose images list maps image ids to file names")
+    return {image.id: image for image in parse_images(path, document, require_size=False)}
+
+
+def load_box_source(boxes_path: os.PathLike, image_info_path: Optional[os.PathLike] = None,
+                    score_threshold: Optional[float] = None) -> BoxSource:
+    """Read prompt boxes from a COCO annotations file or a COCO detection results file.
+
+    * Annotations file (a JSON object with ``images`` and ``annotations``): the ``bbox`` of every
+      annotation, grouped by image; crowd annotations (``iscrowd: 1``) are regions, not objects,
+      and are skipped (counted). ``score_threshold`` does not apply (annotations have no score).
+    * Detection results (a JSON list of ``{image_id, category_id, bbox, score}``): boxes with
+      ``score >= score_threshold`` (all when None). The image ids are resolved with the ``images`` list
+      of ``image_info_path`` (any COCO file with ``images``: the annotations file of the split, or an
+      image-info file), which is required for this kind.
+
+    Boxes whose image id is not in the images list are not fatal: each is listed under
+    ``unknown_image``.
     """
-    if segmentation is None or (isinstance(segmentation, (list, dict)) and len(segmentation) == 0):
-        return None, "segmentation_missing"
-    if isinstance(segmentation, list):
-        parts = []
-        for part in segmentation:
-            if not isinstance(part, list) or not all(_is_number(value) for value in part):
-                raise _fail(path, record, "a polygon must be a list of numbers [x1, y1, x2, y2, ...]", "fix or remove the polygon")
-            if len(part) % 2:
-                raise _fail(path, record, f"a polygon has an odd number of coordinates ({len(part)})", "fix or remove the polygon")
-            if len(part) < 6:
-                repairs.append("polygon_part_too_few_points")
+    boxes_path = str(boxes_path)
+    document = read_json_file(boxes_path, "boxes")
+    if isinstance(document, dict) and "annotations" in document:
+        kind = "annotations"
+        if image_info_path is not None:
+            raise coco_error(boxes_path, "file", "an annotations file has its own images list",
+                             "leave out the image info file (--image_info), which is for detection results")
+        if score_threshold is not None:
+            raise coco_error(boxes_path, "file", "an annotations file has no scores to threshold",
+                             "leave out the score threshold (--score_threshold), which filters detection results")
+        images, entries = _images_of(boxes_path, document), document["annotations"]
+        if not isinstance(entries, list):
+            raise coco_error(boxes_path, 'key "annotations"', "expected a list", "export the annotations as COCO JSON")
+    elif isinstance(document, list):
+        kind = "detections"
+        if image_info_path is None:
+            raise coco_error(
+                boxes_path, "file", "a detection results list names images by id only",
+                'pass an image info file (--image_info): a COCO file whose "images" list maps those ids to file '
+                "names (e.g. the split's annotations file)",
+            )
+        images, entries = _images_of(str(image_info_path), read_json_file(image_info_path, "image info")), document
+    else:
+        raise coco_error(
+            boxes_path, "top level", "expected a COCO annotations file (an object with \"images\" and \"annotations\") "
+            "or a COCO detection results file (a list of {image_id, category_id, bbox, score})",
+            "pass one of those two kinds of file",
+        )
+    source = BoxSource(kind, images, {image_id: [] for image_id in images})
+    source.counts = {"crowd_skipped": 0, "below_score_threshold": 0}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_id" not in entry or "bbox" not in entry:
+            raise coco_error(boxes_path, f"record {index}", 'a box record needs "image_id" and "bbox"', "complete or remove it")
+        name = f"annotation {entry['id']}" if kind == "annotations" and "id" in entry else f"{kind[:-1]} {index}"
+        bbox = parse_bbox(boxes_path, name, entry["bbox"])
+        image_id = require_int(boxes_path, name, entry, "image_id")
+        score = None
+        if kind == "annotations":
+            if int(entry.get("iscrowd", 0)) == 1:
+                source.counts["crowd_skipped"] += 1
                 continue
-            parts.append([float(value) for value in part])
-        if not parts:
-            return None, "no_valid_polygon"
-        rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
-    elif isinstance(segmentation, dict):
-        counts, size = segmentation.get("counts"), segmentation.get("size")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_number(v) for v in size)):
-            raise _fail(path, record, f'RLE "size" must be [height, width], found {size!r}', "fix the RLE")
-        if [int(size[0]), int(size[1])] != [height, width]:
-            raise _fail(
-                path, record, f"RLE size {list(size)} differs from the image size [height, width] = [{height}, {width}]",
-                "encode the mask at the image size",
-            )
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or sum(counts) != height * width:
-                raise _fail(path, record, "uncompressed RLE counts must be non-negative integers summing to height * width", "fix the RLE")
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, (str, bytes)):
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-            try:
-                mask_utils.area(rle)
-            except Exception as error:  # pycocotools raises plain exceptions for corrupt strings
-                raise _fail(path, record, f"compressed RLE cannot be decoded ({error})", "fix the RLE") from error
         else:
-            raise _fail(path, record, f'RLE "counts" must be a list or a string, found {type(counts).__name__}', "fix the RLE")
-    else:
-        raise _fail(path, record, f"segmentation must be a polygon list or an RLE object, found {type(segmentation).__name__}", "fix it")
-    counts = rle["counts"]
-    return {"counts": counts.decode("ascii") if isinstance(counts, bytes) else counts, "size": [height, width]}, None
+            if not is_number(entry.get("score")):
+                raise coco_error(boxes_path, name, f'"score" must be a number, found {entry.get("score")!r}',
+                                 "give every detection its score")
+            score = float(entry["score"])
+            if score_threshold is not None and score < score_threshold:
+                source.counts["below_score_threshold"] += 1
+                continue
+        if image_id not in images:
+            source.report("unknown_image", f"{name}: image_id {image_id} is not in the images list")
+            continue
+        source.boxes[image_id].append(BoxEntry(bbox, int(entry.get("category_id", 1)), name, score))
+    return source
 
 
-def _box_iou(a, b) -> float:
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def clean_annotation(path, annotation, image: CocoImage, box_mask_iou_threshold: float):
-    """Validate, repair or drop one annotation.
-
-    Returns ``(object or None, repairs, drop_reason)``. The object holds ``id``, ``category_id``
-    (COCO id), ``box`` (xyxy float pixels), ``mask`` (compressed RLE, counts as str), ``area``
-    (pixel count of the mask) and ``iscrowd`` (0 or 1).
-
-    Box rules, in this order: a missing box becomes the mask's tight box; a box reaching outside
-    the image is clipped; a box of zero (or negative) width or height after clipping is replaced by
-    the mask's tight box (never dropped, since the mask is non-empty at that point); otherwise a box
-    whose IoU with the mask's tight box is below the threshold drops the annotation.
-    """
-    record = f"annotation id {annotation['id']} (image id {image.id}, {image.file_name})"
-    repairs: list = []
-    rle, drop = segmentation_to_rle(path, record, annotation.get("segmentation"), image.height, image.width, repairs)
-    if drop is not None:
-        return None, repairs, drop
-    coco_rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    area = float(mask_utils.area(coco_rle))
-    if area <= 0:
-        return None, repairs, "empty_mask"
-    mx, my, mw, mh = (float(v) for v in mask_utils.toBbox(coco_rle))
-    mask_box = [mx, my, mx + mw, my + mh]
-
-    bbox = annotation.get("bbox")
-    if bbox is None:
-        box = list(mask_box)
-        repairs.append("box_missing")
-    else:
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise _fail(path, record, f'"bbox" must be [x, y, width, height], found {bbox!r}', "fix or remove the bbox")
-        x, y, w, h = (float(v) for v in bbox)
-        box = [x, y, x + w, y + h]
-        if w > 0 and h > 0 and (box[0] < 0 or box[1] < 0 or box[2] > image.width or box[3] > image.height):
-            box = [min(max(box[0], 0.0), image.width), min(max(box[1], 0.0), image.height),
-                   min(max(box[2], 0.0), image.width), min(max(box[3], 0.0), image.height)]
-            repairs.append("box_outside_image")
-        if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
-            box = list(mask_box)
-            repairs.append("box_zero_size")
-        elif _box_iou(box, mask_box) < box_mask_iou_threshold:
-            return None, repairs, "box_mask_mismatch"
-    iscrowd = annotation.get("iscrowd", 0)
-    if iscrowd not in (0, 1, True, False):
-        raise _fail(path, record, f'"iscrowd" must be 0 or 1, found {iscrowd!r}', "set iscrowd to 0 or 1")
-    return (
-        {
-            "id": int(annotation["id"]),
-            "category_id": int(annotation["category_id"]),
-            "box": box,
-            "mask": rle,
-            "area": area,
-            "iscrowd": int(iscrowd),
-        },
-        repairs,
-        None,
-    )
-
-
-def load_coco_split(
-    annotations_path: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    strict: bool = False,
-    box_mask_iou_threshold: float = 0.5,
-    data: Optional[dict] = None,
-) -> CocoSplit:
-    """Parse, validate and clean one COCO file. Image files are not opened here."""
-    if not 0.0 <= box_mask_iou_threshold <= 1.0:
-        raise ValueError(f"box_mask_iou_threshold must be in [0, 1], got {box_mask_iou_threshold}")
-    path = str(annotations_path)
-    data = read_coco_json(path) if data is None else data
-    categories = parse_categories(path, data)
-    images = parse_images(path, data)
-    by_id = {image.id: image for image in images}
-    seen: set = set()
-    dropped: dict = {}
-    repaired: dict = {}
-    for index, annotation in enumerate(data["annotations"]):
-        if not isinstance(annotation, dict):
-            raise _fail(path, f"annotations[{index}]", "an annotation must be an object", "fix the record")
-        annotation_id = _require_int(path, f"annotations[{index}]", annotation, "id")
-        record = f"annotation id {annotation_id}"
-        if annotation_id in seen:
-            raise _fail(path, record, "duplicate annotation id", "give every annotation a unique id")
-        seen.add(annotation_id)
-        image_id = _require_int(path, record, annotation, "image_id")
-        category_id = _require_int(path, record, annotation, "category_id")
-        if image_id not in by_id:
-            raise _fail(path, record, f"image_id {image_id} is not in the images list", "add the image record or remove the annotation")
-        if category_id not in categories:
-            raise _fail(
-                path, record, f"category_id {category_id} is not in the categories list (known: {sorted(categories)})",
-                "add the category or correct the annotation's category_id",
-            )
-        image = by_id[image_id]
-        obj, repairs, drop = clean_annotation(path, annotation, image, box_mask_iou_threshold)
-        # A dropped annotation is listed under its drop reason only; a kept one under each repair.
-        problems = [(drop, DROP_REASONS[drop], "drop")] if drop is not None else [
-            (reason, REPAIR_REASONS[reason], "repair") for reason in dict.fromkeys(repairs)
-        ]
-        if strict and problems:
-            reason, text, action = problems[0]
-            raise _fail(
-                path, f"annotation id {annotation_id} (image id {image_id}, {image.file_name})", f"{reason}: {text}",
-                f"correct the annotation, or convert without --strict to {action} it and have it listed in report.json",
-            )
-        for reason, _, action in problems:
-            (dropped if action == "drop" else repaired).setdefault(reason, []).append(annotation_id)
-        if drop is None:
-            image.objects.append(obj)
-    return CocoSplit(
-        annotations_path=path,
-        images_dir=str(images_dir),
-        categories=categories,
-        images=images,
-        num_annotations=len(data["annotations"]),
-        dropped=dropped,
-        repaired=repaired,
-    )
+__all__ = [
+    "BoxEntry",
+    "BoxSource",
+    "CocoImage",
+    "CocoValidationError",
+    "coco_error",
+    "is_number",
+    "load_box_source",
+    "parse_bbox",
+    "parse_categories",
+    "parse_images",
+    "read_coco_json",
+    "read_json_file",
+    "require_int",
+]

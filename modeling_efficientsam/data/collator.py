@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ..modeling_efficientsam import LABEL_PADDING
+
 _PER_QUERY = ("input_points", "input_labels", "labels", "category_ids")
 _HANDLED = set(_PER_QUERY) | {"original_size", "image_id", "full_resolution_labels"}
 
@@ -41,7 +43,7 @@ class EfficientSamCollator:
         mask_size = items[0]["labels"].shape[-2:]
 
         input_points = torch.full((batch_size, num_queries, num_points, 2), -1.0, dtype=torch.float32)
-        input_labels = torch.full((batch_size, num_queries, num_points), -1, dtype=torch.int64)
+        input_labels = torch.full((batch_size, num_queries, num_points), LABEL_PADDING, dtype=torch.int64)
         labels = torch.zeros((batch_size, num_queries, *mask_size), dtype=torch.float32)
         category_ids = torch.full((batch_size, num_queries), -1, dtype=torch.int64)
         query_mask = torch.zeros((batch_size, num_queries), dtype=torch.bool)

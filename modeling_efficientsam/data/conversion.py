@@ -26,12 +26,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 
 import datasets
 
-from .coco import CocoValidationError, load_coco_split, read_coco_json
+from ..file_utils import staged_directory
+from .coco import CocoValidationError, coco_error, read_coco_json
+from .coco_cleaning import load_coco_split
 from .fingerprint import CACHE_FORMAT_VERSION, conversion_fingerprint
 from .image_files import encode_for_storage, resolve_image
 from .report import build_report, read_report, split_report, write_report
@@ -73,6 +74,27 @@ def conversion_metadata(dataset: datasets.Dataset) -> dict:
         raise ValueError("this dataset was not written by modeling_efficientsam.data (no conversion metadata in its description)") from None
 
 
+def category_names(split: datasets.Dataset) -> list:
+    """Category names in ``category`` index order: the names of the split's ``ClassLabel`` feature.
+
+    The one place category names are read from (the copy in the conversion metadata is not used).
+    """
+    inner = split.features["objects"]
+    inner = getattr(inner, "feature", inner)  # datasets.List / Sequence of a dict
+    if isinstance(inner, (list, tuple)):
+        inner = inner[0]
+    return list(inner["category"].names)
+
+
+def dataset_categories(split: datasets.Dataset) -> tuple:
+    """``(COCO category ids, names)`` in ``category`` index order, for a split written by the conversion."""
+    category_ids = list(conversion_metadata(split)["coco_category_ids"])
+    names = category_names(split)
+    if len(category_ids) != len(names):
+        raise ValueError(f"the conversion metadata lists {len(category_ids)} category ids for {len(names)} category names")
+    return category_ids, names
+
+
 def _normalise_splits(splits: dict) -> dict:
     if not splits:
         raise ValueError("no split given: pass at least {'train': (annotations_path, images_dir)}")
@@ -92,18 +114,18 @@ def _merge_categories(parsed: dict) -> dict:
     for name, split in parsed.items():
         for category_id, category_name in split.categories.items():
             if category_id in merged and merged[category_id] != category_name:
-                raise CocoValidationError(
-                    f"{split.annotations_path}: category id {category_id}: named {category_name!r} here but "
-                    f"{merged[category_id]!r} in {origin[category_id]}. Fix: use the same categories in every split."
-                )
+                raise coco_error(split.annotations_path, f"category id {category_id}",
+                                 f"named {category_name!r} here but {merged[category_id]!r} in {origin[category_id]}",
+                                 "use the same categories in every split")
             merged[category_id] = category_name
             origin[category_id] = split.annotations_path
     names = list(merged.values())
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
-        raise CocoValidationError(
+        raise coco_error(
+            ", ".join(split.annotations_path for split in parsed.values()), "categories",
             f"category name(s) {sorted(duplicates)} used with different ids across splits "
-            f"({ {cid: n for cid, n in merged.items() if n in duplicates} }). Fix: use the same categories in every split."
+            f"({ {cid: n for cid, n in merged.items() if n in duplicates} })", "use the same categories in every split",
         )
     return dict(sorted(merged.items()))
 
@@ -150,18 +172,6 @@ def _check_replaceable(target: str) -> None:
         )
 
 
-def _replace_directory(source: str, target: str) -> None:
-    """Move ``source`` to ``target``, replacing what was there, never leaving ``target`` half-written."""
-    _check_replaceable(target)
-    if os.path.lexists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-        os.rename(target, os.path.join(old, "previous"))
-        os.rename(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(source, target)
-
-
 def prepare_coco_dataset(
     splits: dict,
     output_dir: str | os.PathLike,
@@ -193,9 +203,8 @@ def prepare_coco_dataset(
     }
     for name, split in parsed.items():
         if not split.images:  # a saved DatasetDict cannot hold an empty split
-            raise CocoValidationError(
-                f"{split.annotations_path}: images: the {name} split lists no image. Fix: add images or leave the split out."
-            )
+            raise coco_error(split.annotations_path, "images", f"the {name} split lists no image",
+                             "add images or leave the split out")
     categories = _merge_categories(parsed)
     class_index = {category_id: index for index, category_id in enumerate(categories)}
     resolved = {
@@ -216,21 +225,17 @@ def prepare_coco_dataset(
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(output_dir)}.generator-", dir=parent) as work, \
+            staged_directory(output_dir) as staged:
         built = {}
         for name, split in parsed.items():
-            dataset = _generate_split(name, split, resolved[name], class_index, features,
-                                      os.path.join(work, "generator_cache"), f"{fingerprint}-{name}")
+            dataset = _generate_split(name, split, resolved[name], class_index, features, work, f"{fingerprint}-{name}")
             dataset.info.description = description
             built[name] = dataset
-        staged = os.path.join(work, "dataset")
-        datasets.DatasetDict(built).save_to_disk(staged)
+        datasets.DatasetDict(built).save_to_disk(str(staged))
         write_report(report, staged)
         del built
-        _replace_directory(staged, output_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _check_replaceable(output_dir)  # again, right before the staged folder replaces it
     logger.info("prepared %s (fingerprint %s)", output_dir, fingerprint[:12])
     return datasets.load_from_disk(output_dir)
 

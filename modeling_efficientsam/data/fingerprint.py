@@ -16,22 +16,13 @@ The images directory path itself is not part of it, so a moved dataset is still 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Optional
 
+from ..file_utils import file_sha256, json_sha256
 from .coco import read_coco_json
 
 CACHE_FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _image_stamp(path: str) -> list:
@@ -55,5 +46,4 @@ def conversion_fingerprint(splits: dict, options: dict, loaded: Optional[dict] =
             "annotations_sha256": file_sha256(annotations_path),
             "images": [[file_name, *_image_stamp(os.path.join(images_dir, file_name))] for file_name in files],
         }
-    payload = json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(payload).hexdigest()
+    return json_sha256(document)

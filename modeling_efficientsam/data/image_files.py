@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..image_utils import image_size, pil_to_rgb
-from .coco import CocoImage, CocoValidationError
+from .coco import CocoImage, coco_error
 
 _ORIENTATION_TAG = 0x0112
 _PASS_THROUGH_FORMATS = ("JPEG", "PNG")
@@ -44,24 +44,21 @@ def resolve_image(annotations_path: str, images_dir: str, image: CocoImage) -> R
         raw = image_size(path, apply_exif=False)
         shown = image_size(path, apply_exif=True)
     except FileNotFoundError:
-        raise CocoValidationError(
-            f"{annotations_path}: {record}: image file not found at {path}. "
-            "Fix: put the image there, pass the right images directory, or remove the image record."
-        ) from None
+        raise coco_error(annotations_path, record, f"image file not found at {path}",
+                         "put the image there, pass the right images directory, or remove the image record") from None
     except ValueError as error:
-        raise CocoValidationError(
-            f"{annotations_path}: {record}: {error}. Fix: replace the file with a readable image or remove the record."
-        ) from error
+        raise coco_error(annotations_path, record, str(error).rstrip("."),
+                         "replace the file with a readable image or remove the record") from error
     expected = (image.width, image.height)
     if expected == shown:
         return ResolvedImage(path, apply_exif=True)
     if expected == raw:
         return ResolvedImage(path, apply_exif=False)
     rotated = f" ({shown[0]}x{shown[1]} after its EXIF rotation)" if shown != raw else ""
-    raise CocoValidationError(
-        f"{annotations_path}: {record}: the JSON says {image.width}x{image.height} (width x height) but the file "
-        f"{path} is {raw[0]}x{raw[1]}{rotated}. Fix: correct width/height in the JSON or use the image the "
-        "annotations were made on."
+    raise coco_error(
+        annotations_path, record,
+        f"the JSON says {image.width}x{image.height} (width x height) but the file {path} is {raw[0]}x{raw[1]}{rotated}",
+        "correct width/height in the JSON or use the image the annotations were made on",
     )
 
 
@@ -85,15 +82,12 @@ def encode_for_storage(annotations_path: str, image: CocoImage, resolved: Resolv
             # copy(): the pixels must outlive the file handle closed below
             rgb = pil_to_rgb(source, apply_exif=resolved.apply_exif).copy()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise CocoValidationError(
-            f"{annotations_path}: {record}: cannot decode {resolved.path} ({error}). "
-            "Fix: replace the file with a readable image or remove the record."
-        ) from error
+        raise coco_error(annotations_path, record, f"cannot decode {resolved.path} ({error})",
+                         "replace the file with a readable image or remove the record") from error
     if rgb.size != (image.width, image.height):  # cannot happen after resolve_image; guards the rule above
-        raise CocoValidationError(
-            f"{annotations_path}: {record}: decoded size {rgb.size} differs from the JSON size {(image.width, image.height)}."
-            " Fix: correct width/height in the JSON."
-        )
+        raise coco_error(annotations_path, record,
+                         f"decoded size {rgb.size} differs from the JSON size {(image.width, image.height)}",
+                         "correct width/height in the JSON")
     rgb.info.pop("exif", None)  # never store an orientation tag (datasets.Image would apply it)
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")

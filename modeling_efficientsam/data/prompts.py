@@ -1,18 +1,20 @@
 """Prompt sampling for training: box jitter, point sampling, and the point/label encoding.
 
 All coordinates here are in original image pixels (x to the right, y down; a pixel (col, row)
-spans [col, col + 1) x [row, row + 1)) until :func:`to_model_frame` stretches them to the square
-model input. Encoding (the prompt encoder's convention): a query is at most 6 points; a box is
-its top-left corner with label 2 and its bottom-right corner with label 3; a positive point has
-label 1, a negative point label 0; padding is the point (-1, -1) with label -1.
+spans [col, col + 1) x [row, row + 1)) until the processor's ``to_model_frame`` stretches them to
+the square model input. Encoding (the prompt encoder's convention, whose labels are defined in
+``modeling_efficientsam.py``): a query is at most 6 points; a box is its top-left corner with label 2
+and its bottom-right corner with label 3 (``box_corner_points`` of the processor module); a positive
+point has label 1, a negative point label 0; padding is the point (-1, -1) with label -1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-MAX_POINTS_PER_QUERY = 6
-LABEL_PADDING, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
+from ..modeling_efficientsam import LABEL_NEGATIVE, LABEL_PADDING, LABEL_POSITIVE, MAX_POINTS_PER_QUERY
+from ..processing_efficientsam import box_corner_points
+
 MIN_BOX_SIDE = 1.0  # pixels; a jittered box is never narrower or lower than this
 
 
@@ -80,9 +82,7 @@ def sample_negative_points(mask: np.ndarray, box, count: int, rng: np.random.Gen
 
 def box_query(box) -> tuple:
     """A box as two points: (x1, y1) label 2 and (x2, y2) label 3."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return (np.array([[x1, y1], [x2, y2]], np.float64),
-            np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.int64))
+    return box_corner_points(np.reshape(box, 4))
 
 
 def point_query(positive: np.ndarray, negative: np.ndarray) -> tuple:
@@ -93,11 +93,6 @@ def point_query(positive: np.ndarray, negative: np.ndarray) -> tuple:
     points = np.concatenate([positive, negative]).astype(np.float64)
     labels = np.array([LABEL_POSITIVE] * len(positive) + [LABEL_NEGATIVE] * len(negative), np.int64)
     return points, labels
-
-
-def to_model_frame(points: np.ndarray, width: int, height: int, image_size: int) -> np.ndarray:
-    """Stretch pixel (x, y) to the square model input: (x * S / W, y * S / H)."""
-    return np.asarray(points, np.float64) * np.array([image_size / width, image_size / height])
 
 
 def pad_queries(queries: list, num_points: int) -> tuple:

@@ -6,11 +6,11 @@ short table by ``data/prepare_dataset.py``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from .coco import DROP_REASONS, REPAIR_REASONS, CocoSplit
+from ..file_utils import read_json_or_none, write_json_atomic
+from .coco_cleaning import DROP_REASONS, REPAIR_REASONS, CocoSplit
 
 REPORT_FILE = "report.json"
 
@@ -54,21 +54,12 @@ def build_report(splits: dict, options: dict, fingerprint: str, categories: dict
 
 
 def write_report(report: dict, directory: str | os.PathLike) -> str:
-    path = os.path.join(directory, REPORT_FILE)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
-    return path
+    return write_json_atomic(os.path.join(directory, REPORT_FILE), report, indent=2)
 
 
 def read_report(directory: str | os.PathLike) -> Optional[dict]:
     """The report of a prepared dataset directory, or None when there is none (or it is unreadable)."""
-    path = os.path.join(directory, REPORT_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json_or_none(os.path.join(directory, REPORT_FILE))
 
 
 def format_report(report: dict) -> str:

@@ -18,7 +18,6 @@ fixed separators and no timestamps, so the same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from ..file_utils import save_image_atomic, write_json_atomic
 from .masks import encode_mask
 
 CATEGORIES = [
@@ -255,7 +255,7 @@ def write_split(directory, split_index: int, num_images: int, seed: int, width: 
         rng = np.random.default_rng(np.random.SeedSequence([seed, split_index, index]))
         sample = render_sample(rng, width, height)
         file_name = f"pcb_{index:05d}.png"
-        Image.fromarray(sample.image).save(os.path.join(directory, file_name), format="PNG")
+        save_image_atomic(os.path.join(directory, file_name), Image.fromarray(sample.image))
         images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
         annotations.extend(_annotations(sample, index + 1, len(annotations) + 1))
     document = {
@@ -265,10 +265,7 @@ def write_split(directory, split_index: int, num_images: int, seed: int, width: 
         "images": images,
         "annotations": annotations,
     }
-    path = os.path.join(directory, "_annotations.coco.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(document, separators=(",", ":")))
-    return path
+    return write_json_atomic(os.path.join(directory, "_annotations.coco.json"), document, separators=(",", ":"))
 
 
 def make_synthetic_pcb(output_dir, num_train: int = 40, num_validation: int = 10, seed: int = 0,

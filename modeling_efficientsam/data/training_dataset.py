@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_processing_efficientsam import IMAGENET_MEAN, IMAGENET_STD, EfficientSamImageProcessor
+from ..image_processing_efficientsam import EfficientSamImageProcessor
 from ..image_utils import to_rgb_array
+from ..processing_efficientsam import to_model_frame
 from .masks import decode_rle, resize_mask
 from .prompts import (
     MAX_POINTS_PER_QUERY,
@@ -26,11 +27,8 @@ from .prompts import (
     point_query,
     sample_negative_points,
     sample_positive_points,
-    to_model_frame,
 )
 
-IMAGE_MEAN = IMAGENET_MEAN
-IMAGE_STD = IMAGENET_STD
 PROMPT_MODES = ("box", "point", "mixed")
 _METADATA_COLUMNS = ["image_id", "width", "height", "objects"]
 
@@ -43,6 +41,24 @@ def efficientsam_pixel_values(image: np.ndarray, image_size: int = 1024) -> torc
     """
     pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None]
     return EfficientSamImageProcessor(size=image_size).normalize_tensor(pixels)[0]
+
+
+def stored_image_pixel_values(image, image_size: int, image_processor=None) -> torch.Tensor:
+    """An image of a converted split -> (3, S, S) ``pixel_values``, for training and for the embedding cache.
+
+    Stored images are upright already (EXIF is not applied again). Without ``image_processor`` the
+    normalisation is :func:`efficientsam_pixel_values`; with one, its output must be S x S.
+    """
+    array = to_rgb_array(image, apply_exif=False)
+    if image_processor is None:
+        return efficientsam_pixel_values(array, image_size)
+    pixel_values = image_processor(Image.fromarray(array), return_tensors="pt")["pixel_values"][0]
+    if tuple(pixel_values.shape) != (3, image_size, image_size):
+        raise ValueError(
+            f"image_processor produced pixel_values of shape {tuple(pixel_values.shape)}, expected "
+            f"(3, {image_size}, {image_size}); make its size match image_size"
+        )
+    return pixel_values
 
 
 class EfficientSamTrainingDataset(torch.utils.data.Dataset):
@@ -128,18 +144,6 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
     def _generator(self, index: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, index])))
 
-    def _pixel_values(self, index: int) -> torch.Tensor:
-        image = to_rgb_array(self._images[index]["image"], apply_exif=False)  # stored upright already
-        if self.image_processor is None:
-            return efficientsam_pixel_values(image, self.image_size)
-        pixel_values = self.image_processor(Image.fromarray(image), return_tensors="pt")["pixel_values"][0]
-        if tuple(pixel_values.shape) != (3, self.image_size, self.image_size):
-            raise ValueError(
-                f"image_processor produced pixel_values of shape {tuple(pixel_values.shape)}, expected "
-                f"(3, {self.image_size}, {self.image_size}); make its size match image_size"
-            )
-        return pixel_values
-
     def _query(self, obj: dict, mask: np.ndarray, width: int, height: int, rng: np.random.Generator):
         use_points = self.prompt_mode == "point" or (self.prompt_mode == "mixed" and rng.random() < self.point_probability)
         if use_points:
@@ -148,7 +152,7 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
             points, labels = point_query(positive, negative)
         else:
             points, labels = box_query(jitter_box(obj["box"], width, height, self.box_noise_scale, rng))
-        return to_model_frame(points, width, height, self.image_size), labels
+        return to_model_frame(points, (height, width), self.image_size), labels
 
     def __getitem__(self, index: int) -> dict:
         row = self._metadata[int(index)]
@@ -181,7 +185,8 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
                 np.stack(full_masks) if full_masks else np.zeros((0, height, width), bool)
             )
         if self.embedding_reader is None:
-            item["pixel_values"] = self._pixel_values(int(index))
+            item["pixel_values"] = stored_image_pixel_values(self._images[int(index)]["image"], self.image_size,
+                                                             self.image_processor)
         else:
             embeddings = self.embedding_reader(int(row["image_id"]))
             if not isinstance(embeddings, dict) or not all(isinstance(v, torch.Tensor) for v in embeddings.values()):

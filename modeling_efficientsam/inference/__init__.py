@@ -2,7 +2,8 @@
 and ONNX export.
 
 * :class:`EfficientSamPredictor` (``predictor.py``): ``set_image`` + ``predict``, or
-  ``predict(image, boxes)`` in one call, and ``predict_batch`` for many images.
+  ``predict(image, boxes)`` in one call, and ``predict_batch`` for many images; its prompt checks are
+  in ``prompt_checks.py`` and its result, :class:`EfficientSamPrediction`, in ``results.py``.
 * ``python -m modeling_efficientsam.inference.predict_cli`` (``efficientsam-predict``): COCO
   segmentation results (and overlays) for the boxes of a COCO annotations or detections file.
 * ``python -m modeling_efficientsam.inference.evaluate_cli`` (``efficientsam-evaluate``): mIoU,
@@ -12,6 +13,7 @@ and ONNX export.
   decoder ONNX graphs, checked against PyTorch with ONNX Runtime.
 """
 
-from .predictor import EfficientSamPrediction, EfficientSamPredictor
+from .predictor import EfficientSamPredictor
+from .results import EfficientSamPrediction
 
 __all__ = ["EfficientSamPrediction", "EfficientSamPredictor"]

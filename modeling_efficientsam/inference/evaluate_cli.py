@@ -30,18 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .coco_io import write_json_atomic
+from ..file_utils import write_json_atomic
+from .cli_options import add_predictor_arguments, build_cli_parser, load_predictor
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="efficientsam-evaluate",
-        description="Evaluate EfficientSAM models with ground-truth boxes as prompts.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = build_cli_parser("efficientsam-evaluate", "Evaluate EfficientSAM models with ground-truth boxes as prompts.", __doc__)
     parser.add_argument("--model", required=True, help="model folder or Hub id ([LABEL=]PATH)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="MODEL", help="more models for the same table")
     parser.add_argument("--dataset", required=True, help="prepared DatasetDict folder, or a COCO annotations JSON")
@@ -50,16 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--box_noise_scale", type=float, default=0.0,
                         help="jitter each box side by up to this fraction of the box size (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the box jitter (default 0)")
-    parser.add_argument("--batch_size", type=int, default=2, help="images per image-encoder forward (default 2)")
-    parser.add_argument("--max_queries_per_batch", type=int, default=16, help="boxes per mask-decoder forward")
     parser.add_argument("--max_images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--boundary_tolerance", type=int, default=2, help="boundary F-score tolerance in pixels")
-    parser.add_argument("--single_mask", action="store_true", help="use the single-mask output")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--autocast", action="store_true", help="keep float32 weights and autocast to --dtype")
     parser.add_argument("--output", help="write the results as JSON to this file")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_predictor_arguments(parser)
     return parser
 
 
@@ -149,8 +139,8 @@ def format_table(results: dict) -> str:
 
 
 def run(args) -> dict:
-    from .evaluation import coco_ground_truth, dataset_categories, evaluate_predictor, make_prompts
-    from .predictor import EfficientSamPredictor
+    from ..data import dataset_categories
+    from .evaluation import coco_ground_truth, evaluate_predictor, make_prompts
 
     models = model_labels([args.model] + list(args.compare))
     with contextlib.ExitStack() as stack:
@@ -163,10 +153,7 @@ def run(args) -> dict:
         results = {}
         for label, path in models:
             print(f"evaluating {label} ({path}) on {len(split)} images, {sum(len(p.boxes) for p in prompts)} prompts")
-            predictor = EfficientSamPredictor.from_pretrained(
-                path, device=args.device, dtype=args.dtype, autocast=args.autocast,
-                max_queries_per_batch=args.max_queries_per_batch,
-            )
+            predictor = load_predictor(path, args)
             metrics = evaluate_predictor(
                 predictor, split, prompts, coco_gt, category_ids=category_ids, category_names=category_names,
                 batch_size=args.batch_size, boundary_tolerance=args.boundary_tolerance,

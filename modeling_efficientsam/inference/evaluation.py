@@ -33,7 +33,7 @@ import torch
 from ..data.masks import decode_rle
 from ..data.prompts import jitter_box
 from ..metrics import STATISTIC_NAMES, aggregate_segmentation_metrics, segmentation_statistics
-from .coco_io import result_record
+from .results import result_record
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -44,14 +44,6 @@ class ImagePrompts:
 
     object_indices: list
     boxes: np.ndarray  # (n, 4)
-
-
-def dataset_categories(split) -> tuple:
-    """(COCO category ids, names) of a dataset prepared by :mod:`modeling_efficientsam.data`."""
-    from ..data import conversion_metadata
-
-    metadata = conversion_metadata(split)
-    return list(metadata["coco_category_ids"]), list(metadata["category_names"])
 
 
 def make_prompts(split, box_noise_scale: float = 0.0, seed: int = 0) -> list:
@@ -202,7 +194,6 @@ __all__ = [
     "ImagePrompts",
     "coco_ground_truth",
     "coco_mask_ap",
-    "dataset_categories",
     "evaluate_predictor",
     "make_prompts",
 ]

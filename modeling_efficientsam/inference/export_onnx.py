@@ -26,23 +26,10 @@ an output that misses the direct tolerance still passes if its distance from a f
 is at most 10x PyTorch float32's distance from it (plus ``atol``): the same rounding level, not a
 wrong graph. Both distances are printed then.
 
-Running the graphs::
-
-    import numpy as np, onnxruntime as ort, torch
-    from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamProcessor
-
-    processor = EfficientSamProcessor(EfficientSamImageProcessor.from_pretrained("outputs/vitt-pcb-onnx"))
-    inputs = processor(images="board.jpg", input_boxes=[[[120, 40, 380, 300]]])   # pixel box, xyxy
-    encoder = ort.InferenceSession("outputs/vitt-pcb-onnx/encoder.onnx")
-    decoder = ort.InferenceSession("outputs/vitt-pcb-onnx/decoder.onnx")
-    (embeddings,) = encoder.run(None, {"pixel_values": inputs["pixel_values"].numpy()})
-    boxes = inputs["input_boxes"].numpy()                                  # (1, Q, 4) in the model frame
-    points = boxes.reshape(1, -1, 2, 2).astype(np.float32)                 # corners as two points
-    labels = np.tile(np.array([2, 3], dtype=np.int64), (1, points.shape[1], 1))
-    iou, logits = decoder.run(None, {"image_embeddings": embeddings, "input_points": points, "input_labels": labels})
-    best = iou.argmax(-1)                                                  # (1, Q)
-    chosen = np.take_along_axis(logits, best[..., None, None, None], axis=2)
-    masks = processor.post_process_masks(torch.from_numpy(chosen), inputs["original_sizes"])[0][:, 0]
+Running the graphs: the command prints an example (``USAGE_EXAMPLE`` below, with the output
+folder filled in). The processor prepares the image and the boxes (model frame) and turns the boxes
+into the decoder's corner points (``box_corner_points``); the candidate with the highest predicted
+IoU is taken, as ``modeling_efficientsam.metrics.select_by_predicted_iou`` does in PyTorch.
 
 The TorchScript exporter (``dynamo=False``) is tried first; if it fails, the dynamo exporter.
 If the sdpa attention does not export, the model is switched to eager attention (the same
@@ -53,18 +40,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..modeling_efficientsam import EfficientSamModel
-from .coco_io import write_json_atomic
+from ..file_utils import staged_directory, write_json_atomic
+from ..modeling_efficientsam import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, EfficientSamModel
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +98,8 @@ def sample_inputs(model: EfficientSamModel, batch: int, queries: int, points: in
     if points >= 2:  # a box (sorted corners) followed by positive / negative points
         corners = coordinates[:, :, :2].sort(dim=2).values
         coordinates = torch.cat([corners, coordinates[:, :, 2:]], dim=2)
-        labels[:, :, 0], labels[:, :, 1] = 2, 3
-        labels[:, :, 2:] = torch.randint(0, 2, (batch, queries, points - 2), generator=generator)
+        labels[:, :, 0], labels[:, :, 1] = LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT
+        labels[:, :, 2:] = torch.randint(0, 2, (batch, queries, points - 2), generator=generator)  # negative / positive
     return {"pixel_values": pixel_values, "input_points": coordinates, "input_labels": labels}
 
 
@@ -242,23 +226,19 @@ def check_with_onnxruntime(model: EfficientSamModel, output_dir: Path, atol: flo
 
 def export_onnx(model_path: str, output_dir, opset: int = 17, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                 exporter: str = "auto") -> dict:
-    """Export, check and save; returns the ``export_info.json`` content. Raises if the check fails."""
-    from ..image_processing_efficientsam import EfficientSamImageProcessor
-    from ..processing_efficientsam import EfficientSamProcessor
+    """Export, check and save; returns the ``export_info.json`` content. Raises if the check fails.
+
+    Everything is built in a folder beside ``output_dir`` and its files are moved in at the end, so
+    ``output_dir`` never holds graphs from two exports; other files in ``output_dir`` are kept.
+    """
+    from ..processing_efficientsam import load_processor
 
     model = EfficientSamModel.from_pretrained(model_path, dtype=torch.float32).eval()
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build everything in a temporary sibling folder and move the files in at the end.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    processor = load_processor(model_path, image_size=model.config.image_size)
+    with staged_directory(output_dir, merge=True) as staging:
         used = export_graphs(model, staging, opset, exporter)
         checks = check_with_onnxruntime(model, staging, atol, rtol)
-        try:
-            image_processor = EfficientSamImageProcessor.from_pretrained(model_path)
-        except (OSError, ValueError):
-            image_processor = EfficientSamImageProcessor(size=model.config.image_size)
-        EfficientSamProcessor(image_processor).save_pretrained(staging)
+        processor.save_pretrained(staging)
         info = {
             "model": str(model_path),
             "opset": opset,
@@ -282,25 +262,21 @@ def export_onnx(model_path: str, output_dir, opset: int = 17, atol: float = DEFA
             "passed": all(check["passed"] for check in checks),
         }
         write_json_atomic(staging / INFO_FILE, info, indent=2)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return info
 
 
 USAGE_EXAMPLE = '''import numpy as np, onnxruntime as ort, torch
-from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamProcessor
-processor = EfficientSamProcessor(EfficientSamImageProcessor.from_pretrained("{out}"))
-inputs = processor(images="image.jpg", input_boxes=[[[x1, y1, x2, y2]]])  # pixel boxes
+from modeling_efficientsam.metrics import select_by_predicted_iou
+from modeling_efficientsam.processing_efficientsam import box_corner_points, load_processor
+processor = load_processor("{out}")
+inputs = processor(images="image.jpg", input_boxes=[[[x1, y1, x2, y2]]])  # pixel boxes, xyxy
 encoder = ort.InferenceSession("{out}/encoder.onnx"); decoder = ort.InferenceSession("{out}/decoder.onnx")
 (embeddings,) = encoder.run(None, {{"pixel_values": inputs["pixel_values"].numpy()}})
-points = inputs["input_boxes"].numpy().reshape(1, -1, 2, 2).astype(np.float32)
-labels = np.tile(np.array([2, 3], dtype=np.int64), (1, points.shape[1], 1))
+points, labels = box_corner_points(inputs["input_boxes"].numpy())  # (1, Q, 2, 2) model frame, (1, Q, 2) labels 2 / 3
+points = points.astype(np.float32)
 iou, logits = decoder.run(None, {{"image_embeddings": embeddings, "input_points": points, "input_labels": labels}})
-chosen = np.take_along_axis(logits, iou.argmax(-1)[..., None, None, None], axis=2)
-masks = processor.post_process_masks(torch.from_numpy(chosen), inputs["original_sizes"])[0][:, 0]  # (Q, H, W) bool'''
+chosen = select_by_predicted_iou(pred_masks=torch.from_numpy(logits), iou_scores=torch.from_numpy(iou))  # (1, Q, h, w)
+masks = processor.post_process_masks(chosen[:, :, None], inputs["original_sizes"])[0][:, 0]  # (Q, H, W) bool'''
 
 
 def main(argv=None) -> int:

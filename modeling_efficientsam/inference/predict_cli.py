@@ -20,7 +20,7 @@ Inputs:
         only files are given, only the records of those files are processed (others are counted
         as ``not_in_images``, not reported missing).
 
-Outputs (each written under a temporary name, then renamed):
+Outputs (each written under a temporary name, then renamed; see ``modeling_efficientsam/file_utils.py``):
     OUT/segmentation_results.json: a COCO results list that ``COCO.loadRes`` accepts, one record per
         box: ``image_id``, ``category_id``, ``segmentation`` (compressed RLE, counts as str),
         ``score`` (the predicted IoU of the chosen mask), ``bbox`` (tight xywh box of the mask),
@@ -34,17 +34,21 @@ Outputs (each written under a temporary name, then renamed):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from ..data.coco import CocoImage, CocoValidationError
+from ..data.coco import CocoImage, load_box_source
 from ..data.image_files import resolve_image
+from ..file_utils import save_image_atomic, write_json_atomic
 from ..image_utils import load_image
-from .coco_io import ImageLocator, load_box_source, result_record, save_image_atomic, write_json_atomic
+from .cli_options import add_predictor_arguments, build_cli_parser, load_predictor
+from .results import result_record
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +56,47 @@ RESULTS_NAME = "segmentation_results.json"
 SUMMARY_NAME = "summary.json"
 
 
+class ImageLocator:
+    """Map a COCO ``file_name`` to a file among the ``--images`` arguments.
+
+    Folders: ``folder / file_name`` (file names may contain sub-folders). Files: matched by their
+    base name (or their full path when ``file_name`` is one). ``only_listed_files`` is true when every
+    argument is a file: then only records for those files are wanted.
+    """
+
+    def __init__(self, inputs):
+        self.folders, self.files = [], {}
+        for item in inputs:
+            path = Path(item)
+            if path.is_dir():
+                self.folders.append(path)
+            elif path.is_file():
+                self.files.setdefault(path.name, path)
+            else:
+                raise FileNotFoundError(f"--images: {item} is neither a file nor a folder")
+        self.only_listed_files = not self.folders
+        self.used: set = set()
+
+    def find(self, file_name: str) -> Optional[Path]:
+        for folder in self.folders:
+            candidate = folder / file_name
+            if candidate.is_file():
+                return candidate
+        direct = Path(file_name)
+        if direct.is_absolute() and direct.is_file() and direct.name in self.files:
+            return direct
+        match = self.files.get(Path(file_name).name)
+        if match is not None:
+            self.used.add(match.name)
+        return match
+
+    def unused_files(self) -> list:
+        return sorted(str(path) for name, path in self.files.items() if name not in self.used)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="efficientsam-predict",
-        description="Segment the boxes of a COCO annotations or detections file with EfficientSAM.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+    parser = build_cli_parser(
+        "efficientsam-predict", "Segment the boxes of a COCO annotations or detections file with EfficientSAM.", __doc__
     )
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--images", required=True, nargs="+", help="image folder(s) and/or image file(s)")
@@ -65,25 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_info", help="COCO JSON whose images list maps detection image_ids to file names")
     parser.add_argument("--output_dir", required=True, help="where results, summary and overlays are written")
     parser.add_argument("--overlays", action="store_true", help="also write overlay PNGs of the masks")
-    parser.add_argument("--batch_size", type=int, default=2, help="images per image-encoder forward (default 2)")
-    parser.add_argument("--max_queries_per_batch", type=int, default=16,
-                        help="boxes per mask-decoder forward (default 16)")
     parser.add_argument("--score_threshold", type=float, help="keep detections with score >= this")
-    parser.add_argument("--single_mask", action="store_true",
-                        help="use the single-mask output instead of the best of 3 candidates")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--autocast", action="store_true", help="keep float32 weights and autocast to --dtype")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_predictor_arguments(parser)
     return parser
 
 
-def _load(record, path: Path, boxes_path: str) -> np.ndarray:
+def _load(record: CocoImage, path: Path, boxes_path: str) -> np.ndarray:
     """Read the image as the annotations see it (same orientation rule as the dataset conversion)."""
     apply_exif = True
     if record.width is not None and record.height is not None:
-        coco_image = CocoImage(id=record.id, file_name=path.name, width=int(record.width), height=int(record.height))
-        apply_exif = resolve_image(boxes_path, str(path.parent), coco_image).apply_exif
+        found = dataclasses.replace(record, file_name=path.name, objects=[])
+        apply_exif = resolve_image(boxes_path, str(path.parent), found).apply_exif
     # An array carries no orientation tag, so the processor cannot rotate it a second time.
     return np.array(load_image(path, apply_exif=apply_exif))
 
@@ -104,8 +135,6 @@ def _valid_boxes(processor, boxes, size, where: str, problems: dict) -> list:
 def run(args) -> dict:
     """Do the work of :func:`main`; returns the summary (also written to ``summary.json``)."""
     from tqdm.auto import tqdm
-
-    from .predictor import EfficientSamPredictor
 
     started = time.perf_counter()
     source = load_box_source(args.boxes, args.image_info, args.score_threshold)
@@ -133,10 +162,7 @@ def run(args) -> dict:
     if unused:
         problems["images_without_record"] = unused
 
-    predictor = EfficientSamPredictor.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, autocast=args.autocast,
-        max_queries_per_batch=args.max_queries_per_batch,
-    )
+    predictor = load_predictor(args.model, args)
     processor = predictor.processor
     results, processed_images = [], 0
     progress = tqdm(total=len(work), desc="images", unit="img", disable=args.no_progress)
@@ -145,7 +171,7 @@ def run(args) -> dict:
         for record, path, boxes in work[start : start + args.batch_size]:
             try:
                 array = _load(record, path, args.boxes)
-            except (OSError, ValueError, CocoValidationError) as error:
+            except (OSError, ValueError) as error:  # CocoValidationError is a ValueError
                 problems.setdefault("unusable_image", []).append(f"{path}: {error}")
                 progress.update(1)
                 continue

@@ -16,24 +16,13 @@ Typical use::
     result.masks        # (N, H, W) bool at the original image size
     result.scores       # (N,) predicted IoU of the chosen candidate
 
-How the call forms are told apart (``predict(*args, ...)``):
-
-* two positional arguments are always ``(image, boxes)``;
-* a single positional argument is the *boxes* when it is a list / tuple, or a numpy array / tensor
-  with at most 2 dimensions whose last dimension is 4; anything else (a path, a PIL image, an
-  (H, W, C) array, ...) is an *image*, and prompts must then come as keywords. A 2-D array image that
-  is exactly 4 pixels wide must be passed as ``image=``.
-
-Normalized or pixel coordinates: ``normalized=True`` or ``False`` says it. Left at ``None`` it is
-decided per call from the values: if every box and point coordinate lies in [0, 1] the prompts
-are read as fractions of the image width and height, if every box / query has a coordinate above 1
-they are pixels, and a mix of the two (some boxes inside [0, 1], others not) is an error asking for
-an explicit ``normalized=``. Pixel boxes that fit in [0, 1] would be smaller than one pixel, so
-the rule cannot misread a meaningful pixel box.
+How a single positional argument is read, and how ``normalized=None`` decides between fractions
+and pixels: see :mod:`.prompt_checks`.
 
 All coordinate arithmetic (normalized -> pixels -> model frame, xywh -> xyxy, clipping, the empty /
 inverted / out-of-range checks) and the resizing of masks back to the image are done by
-:class:`~modeling_efficientsam.EfficientSamProcessor`; this module only batches and selects.
+:class:`~modeling_efficientsam.EfficientSamProcessor`, and the candidate with the highest predicted IoU
+is chosen by :func:`modeling_efficientsam.metrics.select_by_predicted_iou`; this module only batches.
 """
 
 from __future__ import annotations
@@ -41,15 +30,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..image_processing_efficientsam import EfficientSamImageProcessor
-from ..modeling_efficientsam import LABEL_PADDING, EfficientSamModel
-from ..processing_efficientsam import EfficientSamProcessor
+from ..metrics import select_by_predicted_iou
+from ..modeling_efficientsam import EfficientSamModel
+from ..processing_efficientsam import EfficientSamProcessor, load_processor
+from .prompt_checks import check_prompts, decide_normalized, looks_like_prompts
+from .results import EfficientSamPrediction
 
 logger = logging.getLogger(__name__)
 
@@ -81,122 +71,6 @@ def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@dataclass
-class EfficientSamPrediction:
-    """Masks for the N prompts (queries) of one image; every tensor is on the CPU.
-
-    Attributes:
-        masks (`torch.BoolTensor` of shape `(N, H, W)`): the chosen candidate of each query, resized to
-            the original image (H x W) and thresholded at the processor's mask threshold (logit 0).
-        scores (`torch.FloatTensor` of shape `(N,)`): predicted IoU of the chosen candidate.
-        candidate_index (`torch.LongTensor` of shape `(N,)`): which of the M candidates was chosen
-            (the one with the highest predicted IoU).
-        iou_scores (`torch.FloatTensor` of shape `(N, M)`): predicted IoU of every candidate.
-        low_res_logits (`torch.FloatTensor` of shape `(N, M, h, w)`): mask logits of every candidate
-            in the model frame (256 x 256 for 1024 inputs), e.g. to post-process another candidate.
-        original_size (`tuple[int, int]`): (H, W) of the image.
-        normalized (`bool`): whether the prompts were read as fractions of the image size.
-    """
-
-    masks: torch.Tensor
-    scores: torch.Tensor
-    candidate_index: torch.Tensor
-    iou_scores: torch.Tensor
-    low_res_logits: torch.Tensor
-    original_size: tuple
-    normalized: bool = False
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# prompt checks (shape and the normalized/pixel decision; the numbers themselves go to the processor)
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_array(values, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be numbers in a regular (rectangular) layout: {error}") from None
-    if array.size and not np.isfinite(array).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
-    return array
-
-
-def _check_boxes(boxes) -> Optional[np.ndarray]:
-    """-> (N, 4) float64, accepting one box as (4,)."""
-    if boxes is None:
-        return None
-    array = _as_array(boxes, "boxes")
-    if array.size == 0:
-        return array.reshape(0, 4)
-    if array.ndim == 1 and array.shape[0] == 4:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(
-            f"boxes must have shape (N, 4) (one (x1, y1, x2, y2) or (x, y, w, h) row per box); got shape {array.shape}"
-        )
-    return array
-
-
-def _check_points(points, labels) -> tuple:
-    """-> (N, P, 2) points and (N, P) labels, accepting one query as (P, 2) / (P,)."""
-    if points is None and labels is None:
-        return None, None
-    if points is None or labels is None:
-        raise ValueError("points and labels must be given together (one label per point)")
-    points = _as_array(points, "points")
-    labels = _as_array(labels, "labels")
-    if points.ndim == 2 and labels.ndim == 1:
-        points, labels = points[None], labels[None]
-    if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:-1]:
-        raise ValueError(
-            "points must have shape (N, P, 2) (N queries of P (x, y) points) and labels (N, P); "
-            f"got {points.shape} and {labels.shape}"
-        )
-    if labels.size and not np.array_equal(labels, np.round(labels)):
-        raise ValueError("labels must be integers (1 positive, 0 negative, 2 / 3 box corners, -1 padding)")
-    return points, labels.astype(np.int64)
-
-
-def decide_normalized(boxes: Optional[np.ndarray], points: Optional[np.ndarray], labels: Optional[np.ndarray],
-                      normalized: Optional[bool]) -> bool:
-    """Apply the rule of the module docstring: explicit wins; else all in [0, 1] -> normalized."""
-    if normalized is not None:
-        return bool(normalized)
-    per_query = []  # for each box / query: does every coordinate lie in [0, 1]?
-    if boxes is not None and boxes.size:
-        per_query.extend(((boxes >= 0) & (boxes <= 1)).all(axis=1).tolist())
-    if points is not None and points.size:
-        real = labels != LABEL_PADDING
-        inside = ((points >= 0) & (points <= 1)).all(axis=-1) | ~real
-        per_query.extend((inside.all(axis=1) & real.any(axis=1)).tolist())
-    if not per_query:
-        return False
-    if all(per_query):
-        return True
-    if not any(per_query):
-        return False
-    inside = [index for index, flag in enumerate(per_query) if flag]
-    raise ValueError(
-        f"cannot tell whether the prompts are normalized: {len(inside)} of {len(per_query)} boxes/queries lie "
-        f"entirely in [0, 1] (e.g. index {inside[0]}) and the others do not. Pass normalized=True (fractions of "
-        "the image width and height) or normalized=False (pixels)."
-    )
-
-
-def _looks_like_prompts(value) -> bool:
-    if isinstance(value, (list, tuple)):
-        return True
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.ndim <= 2 and value.ndim > 0 and value.shape[-1] == 4
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,19 +134,12 @@ class EfficientSamPredictor:
     ) -> "EfficientSamPredictor":
         """Load model and processor from a folder or Hub id (``kwargs`` go to both ``from_pretrained``).
 
-        The image-processor settings saved with the model (``processor_config.json`` or
-        ``preprocessor_config.json``) are used; a folder without them gets the default processor for
-        the model's image size.
+        The processor comes from :func:`~modeling_efficientsam.processing_efficientsam.load_processor`:
+        the settings saved with the model, or the default processor for the model's image size when the
+        folder has none (a processor config that cannot be read is an error).
         """
         model = EfficientSamModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        try:
-            # The image processor alone carries every setting of the processor (prompt handling has
-            # none), and loading it directly avoids depending on ProcessorMixin's loader.
-            image_processor = EfficientSamImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-            processor = EfficientSamProcessor(image_processor)
-        except (OSError, ValueError) as error:
-            logger.info("no processor saved with %s (%s); using the default one", pretrained_model_name_or_path, error)
-            processor = None
+        processor = load_processor(pretrained_model_name_or_path, image_size=model.config.image_size, **kwargs)
         return cls(model, processor, device=device, dtype=dtype, autocast=autocast,
                    max_queries_per_batch=max_queries_per_batch)
 
@@ -331,16 +198,7 @@ class EfficientSamPredictor:
     # -- prompts --------------------------------------------------------------------------------
     def _prepare_prompts(self, size, boxes, points, labels, box_format, normalized) -> tuple:
         """Checked prompts -> model-frame tensors from the processor, plus the normalized decision."""
-        boxes = _check_boxes(boxes)
-        points, labels = _check_points(points, labels)
-        if boxes is None and points is None:
-            raise ValueError("no prompts: pass boxes and/or points with labels")
-        if boxes is not None and points is not None and len(boxes) != len(points):
-            raise ValueError(
-                f"boxes and points combine per query and must have the same number of queries; got {len(boxes)} "
-                f"boxes and {len(points)} point queries"
-            )
-        num_queries = len(boxes) if boxes is not None else len(points)
+        boxes, points, labels, num_queries = check_prompts(boxes, points, labels)
         normalized = decide_normalized(boxes, points, labels, normalized)
         if num_queries == 0:
             return {}, 0, normalized
@@ -359,15 +217,9 @@ class EfficientSamPredictor:
     def _decode(self, embedding: torch.Tensor, size, prompts: dict, num_queries: int, multimask_output: bool,
                 normalized: bool) -> EfficientSamPrediction:
         height, width = size
-        candidates = self.model.config.mask_decoder_config.num_multimask_outputs if multimask_output else 1
         if num_queries == 0:
-            grid = self.model.config.image_size // 4
-            return EfficientSamPrediction(
-                masks=torch.zeros((0, height, width), dtype=torch.bool),
-                scores=torch.zeros(0), candidate_index=torch.zeros(0, dtype=torch.long),
-                iou_scores=torch.zeros((0, candidates)), low_res_logits=torch.zeros((0, candidates, grid, grid)),
-                original_size=(height, width), normalized=normalized,
-            )
+            candidates = self.model.config.mask_decoder_config.num_multimask_outputs if multimask_output else 1
+            return EfficientSamPrediction.empty(size, candidates, self.model.config.image_size // 4, normalized)
         masks, scores, chosen, all_iou, all_logits = [], [], [], [], []
         for start in range(0, num_queries, self.max_queries_per_batch):
             chunk = {
@@ -378,17 +230,16 @@ class EfficientSamPredictor:
                 output = self.model(image_embeddings=embedding, multimask_output=multimask_output, **chunk)
             logits = output.pred_masks[0].float()  # (q, M, h, w)
             iou = output.iou_scores[0].float()  # (q, M)
-            best = iou.argmax(dim=-1)
-            best_logits = logits.gather(1, best[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
+            best_logits, best, best_iou = select_by_predicted_iou(pred_masks=logits, iou_scores=iou, return_index=True)
             # Resize only the chosen candidate, a few queries at a time (the full-size float logits of
             # many queries of a large image would not fit in memory).
             step = max(1, _POSTPROCESS_ELEMENTS // max(1, height * width))
             for offset in range(0, best_logits.shape[0], step):
                 resized = self.processor.post_process_masks(
-                    best_logits[offset : offset + step][None], [size], binarize=True
+                    best_logits[offset : offset + step, None][None], [size], binarize=True
                 )[0]
                 masks.append(resized[:, 0].cpu())
-            scores.append(iou.gather(1, best[:, None])[:, 0].cpu())
+            scores.append(best_iou.cpu())
             chosen.append(best.cpu())
             all_iou.append(iou.cpu())
             all_logits.append(logits.cpu())
@@ -417,8 +268,8 @@ class EfficientSamPredictor:
         """Segment the prompted objects of one image.
 
         Call forms: ``predict(image, boxes)`` (sets the image, then predicts) or, after
-        :meth:`set_image`, ``predict(boxes)`` / ``predict(boxes=..., points=..., labels=...)``; see the
-        module docstring for how a single positional argument is read.
+        :meth:`set_image`, ``predict(boxes)`` / ``predict(boxes=..., points=..., labels=...)``; see
+        :mod:`.prompt_checks` for how a single positional argument is read.
 
         Args:
             image: path, PIL image, numpy array or tensor; replaces the image kept by `set_image`.
@@ -427,7 +278,7 @@ class EfficientSamPredictor:
                 With boxes too, query i is box i followed by its points.
             box_format: ``"xyxy"`` or ``"xywh"``.
             normalized: True for fractions of the image size, False for pixels, None to decide from
-                the values (see the module docstring).
+                the values (see :mod:`.prompt_checks`).
             multimask_output: choose among 3 candidates per prompt (True) or use the single output.
         """
         if len(args) > 2:
@@ -437,7 +288,7 @@ class EfficientSamPredictor:
                 raise TypeError("image and boxes were given both positionally and as keywords")
             image, boxes = args
         elif len(args) == 1:
-            if _looks_like_prompts(args[0]):
+            if looks_like_prompts(args[0]):
                 if boxes is not None:
                     raise TypeError("boxes were given both positionally and as a keyword")
                 boxes = args[0]
@@ -492,8 +343,8 @@ class EfficientSamPredictor:
         # Shapes and the normalized decision first (sizes are not known before reading the images).
         for index in range(num_images):
             try:
-                checked_boxes = _check_boxes(boxes_list[index])
-                checked_points, checked_labels = _check_points(points_list[index], labels_list[index])
+                checked_boxes, checked_points, checked_labels, _ = check_prompts(
+                    boxes_list[index], points_list[index], labels_list[index])
                 decide_normalized(checked_boxes, checked_points, checked_labels, normalized)
             except ValueError as error:
                 raise ValueError(f"image {index}: {error}") from error
@@ -528,4 +379,4 @@ class EfficientSamPredictor:
         return list(self.iter_predict_batch(images, boxes_per_image, **kwargs))
 
 
-__all__ = ["EfficientSamPrediction", "EfficientSamPredictor", "decide_normalized", "resolve_device", "resolve_dtype"]
+__all__ = ["EfficientSamPredictor", "resolve_device", "resolve_dtype"]

@@ -263,19 +263,28 @@ def aggregate_segmentation_metrics(
     }
 
 
-def select_by_predicted_iou(*, pred_masks: torch.Tensor, iou_scores: torch.Tensor) -> torch.Tensor:
-    """Pick, per query, the candidate mask with the highest predicted IoU.
+def select_by_predicted_iou(*, pred_masks: torch.Tensor, iou_scores: torch.Tensor, return_index: bool = False):
+    """Pick, per query, the candidate mask with the highest predicted IoU (the one selection rule).
+
+    Training metrics, evaluation, the predictor and the TensorBoard overlays all choose with this.
 
     Args:
-        pred_masks: ``(B, Q, M, H, W)`` mask logits.
-        iou_scores: ``(B, Q, M)`` predicted IoU.
+        pred_masks: ``(..., M, H, W)`` mask logits, e.g. ``(B, Q, M, H, W)`` from the model.
+        iou_scores: ``(..., M)`` predicted IoU.
+        return_index: also return the chosen candidate's index and predicted IoU.
 
     Returns:
-        ``(B, Q, H, W)`` logits of the chosen candidate.
+        ``(..., H, W)`` logits of the chosen candidate; with ``return_index``, the tuple
+        ``(logits, index (...) int64, score (...))``.
     """
-    best = iou_scores.argmax(dim=-1)  # (B, Q)
+    if pred_masks.shape[:-2] != iou_scores.shape:
+        raise ValueError(f"pred_masks {tuple(pred_masks.shape)} and iou_scores {tuple(iou_scores.shape)} do not match")
+    best = iou_scores.argmax(dim=-1)  # (...)
     index = best[..., None, None, None].expand(*best.shape, 1, *pred_masks.shape[-2:])
-    return pred_masks.gather(2, index).squeeze(2)
+    chosen = pred_masks.gather(-3, index).squeeze(-3)
+    if not return_index:
+        return chosen
+    return chosen, best, iou_scores.gather(-1, best[..., None]).squeeze(-1)
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@
   explicit callback.)
 * :class:`TensorBoardOverlayCallback` draws, at every evaluation, a few validation images with the
   box prompts, the true masks (left) and the predicted masks (right) into TensorBoard. It reads the
-  images itself, so it works when training reads cached embeddings.
+  images itself, so it works when training reads cached embeddings. The pictures come from the
+  package's one overlay renderer (``inference/overlay.py``); the candidate is chosen with
+  ``metrics.select_by_predicted_iou`` and resized with the image processor, as in evaluation.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from ..image_processing_efficientsam import EfficientSamImageProcessor
+from ..image_utils import to_rgb_array
+from ..inference.overlay import render_overlay
+from ..metrics import select_by_predicted_iou
+from ..processing_efficientsam import to_original_frame
+
 logger = logging.getLogger(__name__)
 
+# render_overlay is re-exported for modeling_efficientsam.training's public names; it lives in inference/overlay.py.
 __all__ = ["DatasetEpochCallback", "TensorBoardOverlayCallback", "render_overlay"]
-
-_PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255]],
-    dtype=np.float32,
-)
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -43,36 +46,6 @@ class DatasetEpochCallback(TrainerCallback):
         if dataset is None or not hasattr(dataset, "set_epoch") or not per_epoch:
             return
         dataset.set_epoch(int(state.global_step // per_epoch))
-
-
-def render_overlay(image: np.ndarray, boxes: np.ndarray, true_masks: np.ndarray, pred_masks: np.ndarray,
-                   alpha: float = 0.45) -> np.ndarray:
-    """Two panels side by side: true masks (left) and predicted masks (right), boxes on both.
-
-    Args:
-        image: (H, W, 3) uint8.
-        boxes: (Q, 4) x1, y1, x2, y2 in pixels of ``image``.
-        true_masks, pred_masks: (Q, H, W) bool.
-
-    Returns:
-        (H, 2W + 4, 3) uint8; query q has colour ``q`` of a fixed palette in both panels.
-    """
-    from PIL import Image, ImageDraw
-
-    panels = []
-    for masks in (true_masks, pred_masks):
-        canvas = image.astype(np.float32).copy()
-        for query, mask in enumerate(masks):
-            colour = _PALETTE[query % len(_PALETTE)]
-            canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
-        panel = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(panel)
-        for query, box in enumerate(boxes):
-            colour = tuple(int(c) for c in _PALETTE[query % len(_PALETTE)])
-            draw.rectangle([float(v) for v in box], outline=colour, width=2)
-        panels.append(np.asarray(panel))
-    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
-    return np.concatenate([panels[0], gap, panels[1]], axis=1)
 
 
 class TensorBoardOverlayCallback(TrainerCallback):
@@ -97,6 +70,7 @@ class TensorBoardOverlayCallback(TrainerCallback):
             return_full_resolution_masks=True,
         )
         self.images = subset.select_columns(["image"])
+        self.image_processor = EfficientSamImageProcessor(size=image_size)  # resizes the predicted logits
         self.tb_writer = tb_writer
         self.callback_handler = None
         self.last_images: List[np.ndarray] = []
@@ -120,10 +94,6 @@ class TensorBoardOverlayCallback(TrainerCallback):
     @torch.no_grad()
     def render(self, model) -> List[np.ndarray]:
         """The overlay of every selected image, predicted with ``model`` (eval mode, no jitter)."""
-        import torch.nn.functional as F
-
-        from ..image_utils import to_rgb_array
-
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -141,12 +111,11 @@ class TensorBoardOverlayCallback(TrainerCallback):
                     input_labels=item["input_labels"][None].to(device),
                     multimask_output=True,
                 )
-                best = outputs.iou_scores[0].float().argmax(-1)  # (Q,)
-                logits = outputs.pred_masks[0].float()[torch.arange(best.shape[0]), best]  # (Q, m, m)
-                logits = F.interpolate(logits[:, None], size=(height, width), mode="bicubic", align_corners=False)[:, 0]
-                pred = (logits > 0).cpu().numpy()
-                scale = np.array([width, height, width, height], dtype=np.float32) / float(self.dataset.image_size)
-                boxes = item["input_points"][:, :2].reshape(-1, 4).numpy() * scale
+                logits = select_by_predicted_iou(pred_masks=outputs.pred_masks.float(), iou_scores=outputs.iou_scores.float())
+                pred = self.image_processor.post_process_masks(logits[:, :, None], [(height, width)])[0][:, 0]
+                pred = pred.cpu().numpy()
+                corners = to_original_frame(item["input_points"][:, :2].numpy(), (height, width), self.dataset.image_size)
+                boxes = corners.reshape(-1, 4)
                 overlays.append(render_overlay(image, boxes, item["full_resolution_labels"].numpy(), pred))
         finally:
             model.train(was_training)
