@@ -18,6 +18,7 @@ import logging
 import sys
 
 from modeling_efficientsam.data.embedding_cache import COMPUTE_DTYPES, EMBEDDING_KEYS, STORAGE_DTYPES, build_embedding_cache
+from modeling_efficientsam.inference.loading import ModelLoadError
 from modeling_efficientsam.inference.predictor import resolve_device
 
 
@@ -50,11 +51,15 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)  # default: cuda when available
     total = 0
     for role, key, model in zip(("student", "teacher"), EMBEDDING_KEYS, args.model):
-        cache = build_embedding_cache(
-            args.dataset, model, dtype=args.dtype, splits=args.splits, batch_size=args.batch_size,
-            cache_root=args.cache_root, shard_size=args.shard_size, compute_dtype=args.compute_dtype,
-            device=device, verify=args.verify,
-        )
+        try:
+            cache = build_embedding_cache(
+                args.dataset, model, dtype=args.dtype, splits=args.splits, batch_size=args.batch_size,
+                cache_root=args.cache_root, shard_size=args.shard_size, compute_dtype=args.compute_dtype,
+                device=device, verify=args.verify,
+            )
+        except ModelLoadError as error:  # a damaged or missing model: one line naming the file and the fix
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(f"{role} ({key}) -> {cache.root}")
         print(cache.storage_summary())
         for split, stats in cache.build_stats.items():

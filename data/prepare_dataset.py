@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modeling_efficientsam.data import CocoValidationError, format_report, load_or_prepare, prepare_coco_dataset, read_report
+from modeling_efficientsam.data import CocoValidationError, format_conversion_summary, load_or_prepare, prepare_coco_dataset
 
 SPLITS = ("train", "validation", "test")
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     except (CocoValidationError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_report(read_report(args.output_dir)))
-    print(f"saved to {args.output_dir} (report: {args.output_dir}/report.json)")
+    print(format_conversion_summary(args.output_dir))
+    print(f"saved to {args.output_dir}")
     if args.push_to_hub:
         dataset.push_to_hub(args.push_to_hub, private=args.private)
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")

@@ -15,12 +15,32 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from .image_utils import to_rgb_array
+from .mask_generation_efficientsam import EfficientSamMaskGenerationMixin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EfficientSamImageProcessor(BaseImageProcessor):
+class SquareInputSize(int):
+    """The side of the square model input: an `int` that also answers the size-dict lookups of transformers
+    (`size["height"]`, `size.get("longest_edge")`, ...), which its pipelines make on every image processor.
+    It is saved to JSON as a plain integer."""
+
+    _KEYS = ("height", "width", "longest_edge", "shortest_edge")
+
+    def __getitem__(self, key: str) -> int:
+        if key not in self._KEYS:
+            raise KeyError(key)
+        return int(self)
+
+    def get(self, key: str, default=None):
+        return int(self) if key in self._KEYS else default
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class EfficientSamImageProcessor(EfficientSamMaskGenerationMixin, BaseImageProcessor):
     r"""Turns images into `pixel_values` and resizes predicted mask logits back to the images.
 
     Args:
@@ -33,9 +53,21 @@ class EfficientSamImageProcessor(BaseImageProcessor):
     or torch tensors shaped (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels, uint8, uint16
     (scaled by 65535) or float in [0, 1]. Everything becomes 8-bit RGB first, as the original model
     was fed ``uint8 / 255``.
+
+    It also provides the methods of transformers' `mask-generation` pipeline (`generate_crop_boxes`,
+    `filter_masks`, `post_process_for_mask_generation`; see `mask_generation_efficientsam.py`).
     """
 
     model_input_names = ["pixel_values"]
+
+    @property
+    def size(self) -> SquareInputSize:
+        """Side of the square model input (an int; also readable as `size["height"]`)."""
+        return self.__dict__["size"]
+
+    @size.setter
+    def size(self, value) -> None:
+        self.__dict__["size"] = SquareInputSize(value)
 
     def __init__(
         self,

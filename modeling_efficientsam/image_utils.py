@@ -25,6 +25,31 @@ def _high_bit_depth_to_uint8(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported array dtype {array.dtype}")
 
 
+#: Float pixels may lie this far outside their range: less than half an 8-bit step, so the value
+#: rounds to 0 or 255 anyway. Anything further out is an error, never silently clipped.
+FLOAT_RANGE_TOLERANCE = 0.5 / 255.0
+
+
+def _float_to_uint8(array: np.ndarray, high: float = 1.0) -> np.ndarray:
+    """Float pixels in [0, high] -> uint8 by rounding; NaN, infinity or values outside the range are errors."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array[~finite].flat[0]
+        raise ValueError(
+            f"the float image holds {int((~finite).sum())} non-finite values (e.g. {bad}). "
+            "Fix: replace NaN / infinite pixels before passing the image"
+        )
+    low_value, high_value = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    slack = FLOAT_RANGE_TOLERANCE * high
+    if low_value < -slack or high_value > high + slack:
+        scale = "[0, 1]" if high == 1.0 else f"[0, 1] or [0, {high:g}]"
+        raise ValueError(
+            f"float image values must lie in {scale}; found {low_value:g} to {high_value:g}. Fix: scale the image into "
+            "[0, 1] (e.g. divide 8-bit values by 255) or pass it as uint8"
+        )
+    return (np.clip(array / high, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def pil_to_rgb(image: Image.Image, apply_exif: bool = True) -> Image.Image:
     """Convert any PIL image (L, LA, P, PA, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 
@@ -41,10 +66,11 @@ def pil_to_rgb(image: Image.Image, apply_exif: bool = True) -> Image.Image:
         if mode == "I" and array.max(initial=0) <= 65535 and array.min(initial=0) >= 0:
             array = array.astype(np.uint16)
         return Image.fromarray(_high_bit_depth_to_uint8(array)).convert("RGB")
-    if mode == "F":
+    if mode == "F":  # 32-bit float pixels: [0, 1], or [0, 255] when any value exceeds 1
         array = np.asarray(image, dtype=np.float32)
-        high = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
-        return Image.fromarray((np.clip(array / high, 0, 1) * 255 + 0.5).astype(np.uint8)).convert("RGB")
+        finite_max = float(array[np.isfinite(array)].max(initial=0.0))
+        high = 1.0 if finite_max <= 1.0 + FLOAT_RANGE_TOLERANCE else 255.0
+        return Image.fromarray(_float_to_uint8(array, high)).convert("RGB")
     if mode in ("P", "PA"):
         image = image.convert("RGBA")
     return image.convert("RGB")
@@ -82,16 +108,26 @@ def image_size(path: Union[str, os.PathLike], apply_exif: bool = False) -> tuple
         raise ValueError(f"cannot read image {path}: {error}. Check that the file is a valid image.") from error
 
 
+def _non_empty(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` (H, W, ...) unless it has no pixel, which would only fail later deep inside torch."""
+    if array.ndim < 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        size = f"{array.shape[1]} x {array.shape[0]}" if array.ndim >= 2 else f"shape {array.shape}"
+        raise ValueError(f"the {what} has no pixels ({size}, width x height). Fix: pass an image at least 1 x 1 pixel")
+    return array
+
+
 def to_rgb_array(image: ImageLike, apply_exif: bool = True) -> np.ndarray:
     """Return an (H, W, 3) uint8 array from a path, PIL image, numpy array or torch tensor.
 
     Arrays and tensors may be (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}; uint8 values are
-    used as they are, uint16 is scaled by 65535, floats are taken to be in [0, 1] already.
+    used as they are, uint16 is scaled by 65535, floats must be in [0, 1] already (within half an
+    8-bit step): NaN, infinity or values outside that range raise ``ValueError`` rather than being
+    clipped. An image without pixels (0 x 0, or zero width or height) raises ``ValueError`` too.
     """
     if isinstance(image, (str, os.PathLike)):
-        return np.asarray(load_image(image, apply_exif=apply_exif))
+        return _non_empty(np.asarray(load_image(image, apply_exif=apply_exif)), f"image {os.fspath(image)}")
     if isinstance(image, Image.Image):
-        return np.asarray(pil_to_rgb(image, apply_exif=apply_exif))
+        return _non_empty(np.asarray(pil_to_rgb(image, apply_exif=apply_exif)), "PIL image")
     if type(image).__module__.startswith("torch"):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
@@ -107,12 +143,13 @@ def to_rgb_array(image: ImageLike, apply_exif: bool = True) -> np.ndarray:
         raise ValueError(
             f"expected an image array of shape (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {image.shape}"
         )
+    _non_empty(array, f"image array of shape {tuple(image.shape)}")
     if array.dtype == np.uint8:
         pass
     elif array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        array = _float_to_uint8(array)
     elif np.issubdtype(array.dtype, np.integer):
         array = _high_bit_depth_to_uint8(array.astype(np.uint16) if array.max(initial=0) <= 65535 and array.min(initial=0) >= 0 else array)
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modeling_efficientsam.training.arguments import (
+from modeling_efficientsam.training.argument_parsing import (
     last_complete_checkpoint,
     load_recipe,
     parse_efficientsam_args,
@@ -167,6 +167,34 @@ def test_recipe_values_are_type_checked(tmp_path, minimal_recipe):
 def test_range_checks(minimal_recipe, flag, value, message):
     with pytest.raises(ValueError, match=message):
         parse_efficientsam_args([minimal_recipe, flag, value])
+
+
+def test_choices_and_checks_are_those_of_the_implementing_modules(minimal_recipe):
+    from transformers import HfArgumentParser
+
+    from modeling_efficientsam.training.arguments import ARGUMENT_CLASSES
+    from modeling_efficientsam.training.optimization import OPTIMIZERS, SCHEDULERS
+    from modeling_efficientsam.training.schedules import DISTILLATION_DECAYS, DistillationSchedule
+    from modeling_efficientsam.training.weighting import LOSS_WEIGHTING_STRATEGIES, DynamicWeightAverage
+
+    for flag, choices in (("--optimizer", OPTIMIZERS), ("--scheduler", SCHEDULERS), ("--distill_decay", DISTILLATION_DECAYS),
+                          ("--loss_weighting", LOSS_WEIGHTING_STRATEGIES)):
+        for choice in choices:  # every choice a module implements is accepted ...
+            parse_efficientsam_args([minimal_recipe, flag, choice])
+    help_text = " ".join(HfArgumentParser(ARGUMENT_CLASSES).format_help().split())
+    for choice in OPTIMIZERS + SCHEDULERS + DISTILLATION_DECAYS + LOSS_WEIGHTING_STRATEGIES:
+        assert f"'{choice}'" in help_text, choice  # ... and listed in the help
+    # The arguments and the modules refuse the same values with the same message.
+    with pytest.raises(ValueError, match="adaptive_update_freq") as from_arguments:
+        parse_efficientsam_args([minimal_recipe, "--adaptive_update_freq", "0"])
+    with pytest.raises(ValueError, match="adaptive_update_freq") as from_module:
+        DynamicWeightAverage({"a": 1.0}, update_freq=0)
+    assert str(from_arguments.value) == str(from_module.value)
+    with pytest.raises(ValueError, match="beta_start") as from_arguments:
+        parse_efficientsam_args([minimal_recipe, "--beta_start", "-1"])
+    with pytest.raises(ValueError, match="beta_start") as from_module:
+        DistillationSchedule(total_steps=10, steps_per_epoch=2, beta_start=-1.0)
+    assert str(from_arguments.value) == str(from_module.value)
 
 
 def test_model_source_rules(tmp_path):

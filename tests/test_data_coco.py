@@ -107,7 +107,7 @@ def test_wafer_objects_plus_drops_equal_annotations(wafer):
         document = json.loads(Path(annotation_file).read_text())
         split_report = report["splits"][name]
         kept_ids = {obj["id"] for objects in prepared[name]["objects"] for obj in objects}
-        dropped_ids = {i for ids in split_report["dropped"].values() for i in ids}
+        dropped_ids = {entry["annotation_id"] for entries in split_report["dropped"].values() for entry in entries}
         assert len(kept_ids) + len(dropped_ids) == len(document["annotations"])
         assert kept_ids | dropped_ids == {a["id"] for a in document["annotations"]}
         assert split_report["num_objects"] + split_report["num_dropped"] == split_report["num_annotations"]
@@ -115,7 +115,7 @@ def test_wafer_objects_plus_drops_equal_annotations(wafer):
         assert prepared[name].num_rows == len(document["images"])
         annotated = {a["image_id"] for a in document["annotations"]}
         without = sorted(image["id"] for image in document["images"] if image["id"] not in annotated)
-        assert split_report["images_without_usable_objects"] == without
+        assert report_image_ids(split_report["images_without_usable_objects"]) == without
     assert report["splits"]["train"]["images_without_usable_objects"], "the wafer train split has empty images"
 
 
@@ -124,7 +124,7 @@ def test_wafer_boxes_are_the_json_boxes_clipped(wafer):
     report = read_report(output)
     document = json.loads(Path(splits["train"][0]).read_text())
     annotations = {a["id"]: a for a in document["annotations"]}
-    clipped = set(report["splits"]["train"]["repaired"].get("box_outside_image", []))
+    clipped = set(report_ids(report["splits"]["train"]["repaired"].get("box_outside_image", [])))
     for row in prepared["train"].select_columns(["width", "height", "objects"]):
         for obj in row["objects"]:
             x, y, w, h = annotations[obj["id"]]["bbox"]
@@ -262,6 +262,9 @@ def _repairs_document(tmp_path, coco_writer, folder="src"):
         {"id": 18, "image_id": 1, "category_id": 1, "bbox": [60, 50, 20, 20], "segmentation": [square(10, 50, 30, 70)]},
         {"id": 19, "image_id": 1, "category_id": 2, "bbox": [35, 5, 10, 10], "segmentation": [square(35, 5, 45, 15)]},
         {"id": 20, "image_id": 3, "category_id": 2, "bbox": [5, 5, 10, 10], "segmentation": [square(5, 5, 15, 15)], "iscrowd": 1},
+        {"id": 21, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "segmentation": [square(120, 10, 130, 20)]},
+        {"id": 22, "image_id": 1, "category_id": 2, "bbox": [50, 50, 50, 20],
+         "segmentation": [[50, 50, 1e12, 50, 1e12, 70, 50, 70]]},  # far past the right edge: clipped
     ]
     for annotation in annotations:
         annotation.setdefault("iscrowd", 0)
@@ -269,8 +272,19 @@ def _repairs_document(tmp_path, coco_writer, folder="src"):
     return coco_writer(tmp_path / folder, images, annotations)
 
 
-EXPECTED_DROPS = {"no_valid_polygon": [11], "segmentation_missing": [12, 13], "empty_mask": [14], "box_mask_mismatch": [18]}
-EXPECTED_REPAIRS = {"polygon_part_too_few_points": [10], "box_zero_size": [15], "box_outside_image": [16], "box_missing": [17]}
+EXPECTED_DROPS = {"no_valid_polygon": [11], "segmentation_missing": [12, 13], "empty_mask": [14], "box_mask_mismatch": [18],
+                  "polygon_outside_image": [21]}
+EXPECTED_REPAIRS = {"polygon_part_too_few_points": [10], "box_zero_size": [15], "box_outside_image": [16], "box_missing": [17],
+                    "polygon_clipped": [22]}
+
+
+def report_ids(entries: list) -> list:
+    """Annotation ids of a report.json list (each entry also names the image id and file name)."""
+    return [entry["annotation_id"] for entry in entries]
+
+
+def report_image_ids(entries: list) -> list:
+    return [entry["image_id"] for entry in entries]
 
 
 def test_every_repair_and_drop_is_reported(tmp_path, coco_writer):
@@ -278,15 +292,19 @@ def test_every_repair_and_drop_is_reported(tmp_path, coco_writer):
     prepared = prepare_coco_dataset({"train": (path, tmp_path / "src")}, tmp_path / "out")
     report = read_report(tmp_path / "out")
     split = report["splits"]["train"]
-    assert split["dropped"] == EXPECTED_DROPS
-    assert split["repaired"] == EXPECTED_REPAIRS
+    assert {reason: report_ids(entries) for reason, entries in split["dropped"].items()} == EXPECTED_DROPS
+    assert {reason: report_ids(entries) for reason, entries in split["repaired"].items()} == EXPECTED_REPAIRS
     assert set(EXPECTED_DROPS) == set(DROP_REASONS) and set(EXPECTED_REPAIRS) == set(REPAIR_REASONS)
-    assert split["num_objects"] + split["num_dropped"] == split["num_annotations"] == 11
-    assert split["images_without_usable_objects"] == [2, 3]  # no annotation / only a crowd one
+    # every listed annotation names its image id and file name
+    for entries in list(split["dropped"].values()) + list(split["repaired"].values()):
+        assert all(entry["image_id"] == 1 and entry["file_name"] == "1.png" for entry in entries), entries
+    assert split["num_objects"] + split["num_dropped"] == split["num_annotations"] == 13
+    assert split["images_without_usable_objects"] == [{"image_id": 2, "file_name": "2.png"},
+                                                      {"image_id": 3, "file_name": "3.png"}]  # no annotation / crowd only
     assert prepared["train"].num_rows == 3
 
     objects = {obj["id"]: obj for objs in prepared["train"]["objects"] for obj in objs}
-    assert sorted(objects) == [10, 15, 16, 17, 19, 20]
+    assert sorted(objects) == [10, 15, 16, 17, 19, 20, 22]
     coco = COCO(str(path))
     repaired_10 = dict(coco.anns[10], segmentation=[square(10, 10, 30, 30)])
     assert np.array_equal(decode_rle(objects[10]["mask"]), coco.annToMask(repaired_10).astype(bool))
@@ -296,6 +314,10 @@ def test_every_repair_and_drop_is_reported(tmp_path, coco_writer):
         np.testing.assert_allclose(objects[annotation_id]["box"], [x, y, x + w, y + h])
     np.testing.assert_allclose(objects[16]["box"], [80, 60, 100, 80])  # clipped to the 100 x 80 image
     np.testing.assert_allclose(objects[19]["box"], [35, 5, 45, 15])  # untouched
+    # clipped 1e12 polygon: exactly the mask of the same rectangle ending past the image edge
+    clipped_22 = dict(coco.anns[22], segmentation=[[50, 50, 150, 50, 150, 70, 50, 70]])
+    assert np.array_equal(decode_rle(objects[22]["mask"]), coco.annToMask(clipped_22).astype(bool))
+    np.testing.assert_allclose(objects[22]["box"], [50, 50, 100, 70])
 
 
 def test_box_mask_iou_threshold_is_applied(tmp_path, coco_writer):
@@ -305,7 +327,7 @@ def test_box_mask_iou_threshold_is_applied(tmp_path, coco_writer):
     path.write_text(json.dumps(document))
     for threshold, expected in ((0.0, []), (0.5, [18]), (0.7, [18, 19])):
         prepare_coco_dataset({"train": (path, tmp_path / "src")}, tmp_path / "out", box_mask_iou_threshold=threshold)
-        assert read_report(tmp_path / "out")["splits"]["train"]["dropped"].get("box_mask_mismatch", []) == expected
+        assert report_ids(read_report(tmp_path / "out")["splits"]["train"]["dropped"].get("box_mask_mismatch", [])) == expected
 
 
 def test_command_prints_counts_per_reason(tmp_path, coco_writer):
@@ -410,7 +432,7 @@ def test_exif_orientation_follows_the_json_size(annotated_on, tmp_path, coco_wri
     mask = decode_rle(prepared[0]["objects"][0]["mask"])
     assert expected[mask][:, 0].mean() > 150 and expected[mask][:, 1].mean() < 100  # the annotation lies on the block
     report = read_report(tmp_path / "out")["splits"]["train"]
-    assert report["images_stored_without_exif_rotation"] == ([] if annotated_on == "displayed" else [1])
+    assert report_image_ids(report["images_stored_without_exif_rotation"]) == ([] if annotated_on == "displayed" else [1])
 
 
 def test_exif_size_matching_neither_orientation_is_fatal(tmp_path, coco_writer):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from modeling_efficientsam.training import DistillationSchedule
-from modeling_efficientsam.training.trainer import DISTILLATION_TERMS
+from modeling_efficientsam.training.distillation import DISTILLATION_TERMS
 from test_trainer import first_batch, make_trainer, tiny_dataset, tiny_model
 
 KD_TERMS_PIXELS = ("mask_kd_loss", "iou_kd_loss", "token_feature_loss", "upscaled_feature_loss", "embedding_kd_loss",
@@ -112,12 +113,12 @@ def test_teacher_runs_its_own_encoder_on_the_students_prompts(tmp_path, syntheti
 
 
 def test_teacher_reads_its_own_cached_embeddings(tmp_path, synthetic_pcb_dataset):
-    from modeling_efficientsam.data.embedding_cache import build_embedding_cache, embedding_reader
+    from modeling_efficientsam.data.embedding_cache import EmbeddingCacheReader, build_embedding_cache
 
     student, teacher = tiny_model(seed=0, freeze_encoder=True), distinct_teacher(7)
     caches = [build_embedding_cache(synthetic_pcb_dataset, model, dtype="float32", splits=["train"],
                                     cache_root=str(tmp_path / "cache")) for model in (student, teacher)]
-    train = tiny_dataset(synthetic_pcb_dataset["train"], embedding_reader=embedding_reader(caches, "train"))
+    train = tiny_dataset(synthetic_pcb_dataset["train"], embedding_reader=EmbeddingCacheReader(caches, "train"))
     trainer = make_trainer(tmp_path, synthetic_pcb_dataset, model=student, teacher=teacher, train=train)
     from modeling_efficientsam.data import EfficientSamCollator
 
@@ -185,3 +186,48 @@ def test_incompatible_teacher_is_refused(tmp_path, synthetic_pcb_dataset):
         make_trainer(tmp_path, synthetic_pcb_dataset, teacher=teacher)
     trainer = make_trainer(tmp_path, synthetic_pcb_dataset, teacher=teacher, attention_distillation=False)
     assert "attention_kd_loss" not in trainer.loss_weighting.names
+
+
+def test_training_loss_is_the_weighting_modules_total(tmp_path, synthetic_pcb_dataset):
+    student = tiny_model(seed=0)
+    trainer = make_trainer(tmp_path, synthetic_pcb_dataset, model=student, teacher=distinct_teacher(5),
+                           loss_weighting="uncertainty", alpha_start=0.7, beta_start=0.2)
+    names = trainer.loss_weighting.names
+    with torch.no_grad():
+        trainer.loss_weighting.log_variances.copy_(torch.linspace(-0.5, 0.5, len(names)))
+    batch = first_batch(synthetic_pcb_dataset)
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch)
+        terms, _ = trainer.compute_loss_terms(student, batch)
+    state = trainer.schedule_state()
+    assert (state["alpha"], state["beta"]) == pytest.approx((0.7, 0.2))
+    expected = 0.0
+    for index, name in enumerate(names):
+        s = float(trainer.loss_weighting.log_variances[index].detach())
+        group = state["beta"] if name in DISTILLATION_TERMS else state["alpha"]
+        expected += group * np.exp(-s) * float(trainer.loss_weighting.base_weights[index]) * float(terms[name]) + s
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert any(name in DISTILLATION_TERMS for name in names) and any(name not in DISTILLATION_TERMS for name in names)
+
+
+def test_run_length_and_distillation_schedule_are_computed_once(tmp_path, synthetic_pcb_dataset, monkeypatch):
+    built = []
+    original = DistillationSchedule.from_training_arguments.__func__
+
+    def counting(cls, args, **kwargs):
+        built.append(kwargs)
+        return original(cls, args, **kwargs)
+
+    monkeypatch.setattr(DistillationSchedule, "from_training_arguments", classmethod(counting))
+    trainer = make_trainer(tmp_path, synthetic_pcb_dataset, teacher=distinct_teacher(7), num_train_epochs=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=1)
+    assert built == [{"total_steps": 1, "steps_per_epoch": 1}]  # placeholder until training starts
+    trainer.train()
+    # 6 images, batch 1, accumulation 2: 3 optimizer steps per epoch, 6 in all; one schedule for 12 micro-batches.
+    assert built[1:] == [{"total_steps": 6, "steps_per_epoch": 3}]
+    assert trainer.steps_per_epoch == 3 and trainer.distillation_schedule.total_steps == 6
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints of the loss weighting, and exact in-process resume
+# ------------------------------------------------------------------------------------------------

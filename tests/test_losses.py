@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from modeling_efficientsam.training.losses import (
-    boundary_band,
-    boundary_loss,
-    dice_loss,
-    iou_head_loss,
-    segmentation_loss,
-    sigmoid_focal_loss,
-    soft_iou_loss,
+    boundary_band, boundary_loss, dice_loss, iou_head_loss, segmentation_loss, sigmoid_focal_loss, soft_iou_loss,
+    step_normalizers,
 )
 from modeling_efficientsam.training.weighting import (
     DynamicWeightAverage,
@@ -278,6 +273,16 @@ def test_shape_errors_are_reported():
         segmentation_loss(pred, iou, labels)  # keyword-only
 
 
+def test_step_normalizers_count_real_queries_and_images_of_every_micro_batch():
+    first = {"query_mask": torch.tensor([[True, True, False], [True, False, False]])}
+    second = {"query_mask": torch.tensor([[True, True, True, True]])}
+    counts = step_normalizers([first, second])
+    assert (int(counts["num_queries"]), int(counts["num_images"])) == (7, 3)
+    assert counts["num_queries"].dtype == torch.int64
+    doubled = step_normalizers([first, second], all_reduce_sum=lambda t: t * 2)  # two identical processes
+    assert (int(doubled["num_queries"]), int(doubled["num_images"])) == (14, 6)
+
+
 # ----------------------------------------------------------------------------- loss weighting
 
 WEIGHTS = {"focal": 1.0, "dice": 1.0, "boundary": 0.5}
@@ -305,6 +310,26 @@ def test_forward_keeps_gradients_and_checks_names():
     assert x.grad.item() == pytest.approx(1.0 + 2.0 + 0.5)
     with pytest.raises(KeyError):
         w({"focal": x})
+
+
+def test_forward_scales_each_term_and_the_regularizer():
+    # What the trainer calls: alpha / beta per term, and the micro-batch's share of the regularizer.
+    scales = {"focal": 0.9, "dice": 0.9, "boundary": 0.1}
+    fixed = build_loss_weighting("fixed", weights=WEIGHTS)
+    total = fixed(losses(2.0, 3.0, 4.0), scales=scales, regularizer_scale=0.25)
+    assert total.item() == pytest.approx(0.9 * 2.0 + 0.9 * 3.0 + 0.1 * 0.5 * 4.0)
+    with pytest.raises(KeyError):
+        fixed(losses(2.0, 3.0, 4.0), scales={"focal": 1.0})
+    uncertainty = UncertaintyWeighting(WEIGHTS)
+    with torch.no_grad():
+        uncertainty.log_variances.copy_(torch.tensor([0.5, -0.5, 0.0]))
+    total = uncertainty(losses(2.0, 3.0, 4.0), scales=scales, regularizer_scale=0.25)
+    expected = 0.9 * math.exp(-0.5) * 2.0 + 0.9 * math.exp(0.5) * 3.0 + 0.1 * 0.5 * 4.0 + 0.25 * (0.5 - 0.5 + 0.0)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    # regularizer_scale weights the log-variances' own gradient (1 per term at scale 1).
+    uncertainty.zero_grad()
+    uncertainty(losses(0.0, 0.0, 0.0), regularizer_scale=0.25).backward()
+    torch.testing.assert_close(uncertainty.log_variances.grad, torch.full((3,), 0.25))
 
 
 def test_dwa_upweights_the_loss_that_decreases_slower():

@@ -101,6 +101,20 @@ def test_invalid_configuration_is_rejected(bad):
         guide_schedule(**bad)
 
 
+def test_built_from_the_training_arguments():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(distill_warmup_epochs=2, max_temperature=3.0, min_temperature=1.5, alpha_start=1.0,
+                           alpha_end=0.6, beta_start=0.0, beta_end=0.4, distill_decay="cosine")
+    s = DistillationSchedule.from_training_arguments(args, total_steps=41, steps_per_epoch=5)
+    assert s == DistillationSchedule(total_steps=41, steps_per_epoch=5, distill_warmup_epochs=2, max_temperature=3.0,
+                                     min_temperature=1.5, alpha_start=1.0, alpha_end=0.6, beta_start=0.0, beta_end=0.4,
+                                     decay="cosine")
+    approx_state(s.state_at(10), 3.0, 1.0, 0.0)
+    approx_state(s.state_at(25), 2.25, 0.8, 0.2)  # halfway along the 30-step cosine decay
+    approx_state(s.state_at(40), 1.5, 0.6, 0.4)
+
+
 def test_negative_step_is_rejected():
     with pytest.raises(ValueError):
         guide_schedule().state_at(-1)

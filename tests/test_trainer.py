@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,9 +22,16 @@ from modeling_efficientsam.training import (
     load_decoder_on_base,
     save_decoder_only,
 )
+from modeling_efficientsam.training.dataset_building import build_datasets
+from modeling_efficientsam.training.evaluation import (
+    adjust_evaluation_arguments,
+    final_metrics,
+    load_initial_metrics,
+    query_statistics,
+    save_initial_metrics,
+)
 from modeling_efficientsam.training.losses import segmentation_loss
-
-REPO = Path(__file__).resolve().parents[1]
+from modeling_efficientsam.training.model_building import build_student
 
 # 64 px input, 4 x 4 token grid, 16 x 16 masks: a model that trains in milliseconds.
 TINY_CONFIG = {
@@ -71,13 +77,6 @@ def make_trainer(output_dir, dataset, model=None, teacher=None, train=None, eval
 def first_batch(dataset, indices=(0, 1), **kwargs):
     data = tiny_dataset(dataset["train"], **kwargs)
     return EfficientSamCollator()([data[i] for i in indices])
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,16 +168,30 @@ def test_evaluation_keeps_the_candidate_with_the_highest_predicted_iou():
     masks = torch.full((1, 1, 3, 8, 8), -5.0)
     masks[0, 0, 1] = labels[0, 0] * 10 - 5  # candidate 1 is exact, the others empty
     inputs = {"labels": labels, "query_mask": torch.ones(1, 1, dtype=torch.bool), "category_ids": torch.tensor([[3]])}
-    good = EfficientSamTrainer.query_statistics(masks, torch.tensor([[[0.1, 0.9, 0.2]]]), inputs)
-    bad = EfficientSamTrainer.query_statistics(masks, torch.tensor([[[0.9, 0.1, 0.2]]]), inputs)
+    good = query_statistics(masks, torch.tensor([[[0.1, 0.9, 0.2]]]), inputs)
+    bad = query_statistics(masks, torch.tensor([[[0.9, 0.1, 0.2]]]), inputs)
     assert good.shape == (1, 1, 10)
     assert good[0, 0, 0] == good[0, 0, 1] == 16  # intersection == union: IoU 1
     assert bad[0, 0, 0] == 0 and bad[0, 0, 1] == 16  # IoU 0
     assert good[0, 0, 8] == 3 and good[0, 0, 9] == 1  # category and real-query flag
 
 
+def test_evaluation_arguments_follow_the_data_and_the_resume(tmp_path):
+    no_validation = tiny_args(tmp_path, eval_strategy="epoch", save_strategy="epoch", eval_on_start=True,
+                              load_best_model_at_end=True)
+    adjust_evaluation_arguments(no_validation, has_validation=False)
+    assert no_validation.eval_strategy == "no" and not no_validation.load_best_model_at_end and not no_validation.eval_on_start
+
+    resumed = tiny_args(tmp_path, eval_on_start=True, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    adjust_evaluation_arguments(resumed, has_validation=True)
+    assert resumed.eval_on_start  # the interrupted run never measured the "before" metrics
+    assert load_initial_metrics(str(tmp_path)) is None
+    save_initial_metrics(str(tmp_path), {"eval_mean_iou": 0.25})
+    adjust_evaluation_arguments(resumed, has_validation=True)
+    assert not resumed.eval_on_start and load_initial_metrics(str(tmp_path)) == {"eval_mean_iou": 0.25}
+
+
 def test_build_datasets_evaluates_without_jitter(tmp_path, synthetic_pcb_dataset):
-    train_script = load_train_script()
     from modeling_efficientsam.training import parse_efficientsam_args
 
     config_path = tmp_path / "tiny.json"
@@ -187,8 +200,8 @@ def test_build_datasets_evaluates_without_jitter(tmp_path, synthetic_pcb_dataset
         "--model_config", str(config_path), "--init_from_scratch", "true", "--dataset_path", "unused",
         "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--box_noise_scale", "0.3", "--max_objects", "2",
     ])
-    student, _ = train_script.build_student(model_args, training_args)
-    train, evaluation, _ = train_script.build_datasets(synthetic_pcb_dataset, None, data_args, training_args, student)
+    student, _ = build_student(model_args, training_args)
+    train, evaluation, _ = build_datasets(synthetic_pcb_dataset, None, data_args, training_args, student)
     assert evaluation.box_noise_scale == 0.0 and evaluation.max_objects is None and train.box_noise_scale == 0.3
     row = synthetic_pcb_dataset["validation"][0]
     item = evaluation[0]
@@ -229,27 +242,30 @@ def _lrs(trainer, steps):
 def test_schedulers(tmp_path, synthetic_pcb_dataset):
     lr = 1e-2
     cosine = make_trainer(tmp_path / "c", synthetic_pcb_dataset, scheduler="cosine", learning_rate=lr, min_lr=1e-4, warmup_epochs=1)
-    cosine._steps_per_epoch = 5
+    cosine.steps_per_epoch = 5
     values = _lrs(cosine, 50)
     assert values[0] == 0.0 and values[4] < values[5] == pytest.approx(lr)  # 5 warm-up steps, then the peak
     assert 1e-4 <= values[-1] < 1.2e-4 and all(a >= b - 1e-12 for a, b in zip(values[5:], values[6:]))
 
     step = make_trainer(tmp_path / "s", synthetic_pcb_dataset, scheduler="step", learning_rate=lr, lr_decay_epochs=2, lr_decay_gamma=0.5)
-    step._steps_per_epoch = 5
+    step.steps_per_epoch = 5
     values = _lrs(step, 30)
     assert values[9] == pytest.approx(lr) and values[10] == pytest.approx(lr / 2) and values[20] == pytest.approx(lr / 4)
 
     onecycle = make_trainer(tmp_path / "o", synthetic_pcb_dataset, scheduler="onecycle", learning_rate=lr, min_lr=1e-6)
-    onecycle._steps_per_epoch = 10
+    onecycle.steps_per_epoch = 10
     values = _lrs(onecycle, 40)
     peak = int(np.argmax(values))
     assert values[0] == pytest.approx(lr / 25) and values[peak] == pytest.approx(lr, rel=1e-3) and 5 < peak < 20
     assert values[-1] < 1e-4
 
+    # Epoch-based lengths need the steps per epoch, which only training knows; no guessing before it.
+    early = make_trainer(tmp_path / "e", synthetic_pcb_dataset, scheduler="cosine", warmup_epochs=1)
+    early.create_optimizer()
+    with pytest.raises(ValueError, match="steps per epoch"):
+        early.create_scheduler(num_training_steps=10)
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints of the loss weighting, and exact in-process resume
-# ------------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("weighting", ["dwa", "uncertainty"])
 def test_loss_weighting_state_is_checkpointed_and_resumed(tmp_path, synthetic_pcb_dataset, weighting):
     common = dict(loss_weighting=weighting, adaptive_update_freq=1, smoothing_factor=0.5, max_steps=4,
@@ -282,7 +298,7 @@ def test_dataset_epoch_follows_the_optimizer_step(tmp_path, synthetic_pcb_datase
     trainer = make_trainer(tmp_path, synthetic_pcb_dataset, train=train, num_train_epochs=3)
     # The callback derives the epoch from the step counter, as a resumed run does (3 steps per epoch here).
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DatasetEpochCallback))
-    trainer._steps_per_epoch = 3
+    trainer.steps_per_epoch = 3
     state = TrainerState()
     for step, epoch in ((0, 0), (3, 1), (7, 2), (9, 3)):
         state.global_step = step
@@ -290,7 +306,7 @@ def test_dataset_epoch_follows_the_optimizer_step(tmp_path, synthetic_pcb_datase
         assert train.epoch == epoch
     train.set_epoch(0)
     trainer.train()
-    assert trainer._steps_per_epoch == 3 and train.epoch == 2
+    assert trainer.steps_per_epoch == 3 and train.epoch == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +374,7 @@ def test_push_to_hub_uploads_a_loadable_folder_with_its_card(tmp_path, synthetic
     assert repo_id == "me/pcb-sam"
     assert {"README.md", "config.json", "model.safetensors", "processor_config.json"} <= set(files)
     assert "Before fine-tuning" in card and f"{trainer.initial_metrics['eval_mean_iou']:.4f}" in card
-    assert f"{trainer.final_metrics()['eval_mean_iou']:.4f}" in card
+    assert f"{final_metrics(trainer.state)['eval_mean_iou']:.4f}" in card
     reloaded = EfficientSamModel.from_pretrained(folder)
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key

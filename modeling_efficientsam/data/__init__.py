@@ -15,7 +15,7 @@ from .conversion import (
 from .fingerprint import conversion_fingerprint
 from .masks import decode_rle, encode_mask, mask_coverage, resize_mask
 from .prompts import box_query, jitter_box, point_query, sample_negative_points, sample_positive_points
-from .report import format_report, read_report
+from .report import format_conversion_summary, format_report, read_report, usable_object_count
 from .synthetic_pcb import make_synthetic_pcb
 from .training_dataset import EfficientSamTrainingDataset, efficientsam_pixel_values
 
@@ -34,6 +34,7 @@ __all__ = [
     "decode_rle",
     "efficientsam_pixel_values",
     "encode_mask",
+    "format_conversion_summary",
     "format_report",
     "jitter_box",
     "load_box_source",
@@ -48,4 +49,5 @@ __all__ = [
     "resize_mask",
     "sample_negative_points",
     "sample_positive_points",
+    "usable_object_count",
 ]

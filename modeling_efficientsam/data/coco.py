@@ -117,11 +117,13 @@ def parse_categories(path, data: dict) -> dict:
 
 
 def parse_images(path, data: dict, require_size: bool = True) -> list:
-    """The ``images`` list as :class:`CocoImage` records (JSON order); duplicate ids are fatal.
+    """The ``images`` list as :class:`CocoImage` records (JSON order).
 
+    Fatal: duplicate ids, and two records naming the same file (compared after normalising the path,
+    so ``a.png`` and ``./a.png`` are one file): its annotations would be split between two image ids.
     With ``require_size=False`` a record may leave out ``width`` / ``height`` (given ones are checked).
     """
-    images, seen = [], set()
+    images, seen, files = [], set(), {}
     for index, entry in enumerate(data["images"]):
         record = f"images[{index}]"
         if not isinstance(entry, dict):
@@ -135,10 +137,43 @@ def parse_images(path, data: dict, require_size: bool = True) -> list:
         if image_id in seen:
             raise coco_error(path, record, "duplicate image id", "give every image a unique id")
         seen.add(image_id)
+        key = os.path.normpath(file_name)
+        if key in files:
+            raise coco_error(
+                path, record, f'file_name "{file_name}" names the same file as image id {files[key]}',
+                f"keep one image record per file: remove image id {image_id} or image id {files[key]} and point its "
+                "annotations at the other",
+            )
+        files[key] = image_id
         sizes = [require_int(path, record, entry, key, positive=True)
                  if require_size or entry.get(key) is not None else None for key in ("width", "height")]
         images.append(CocoImage(id=image_id, file_name=file_name, width=sizes[0], height=sizes[1]))
     return images
+
+
+def image_file_path(path, images_dir, image: CocoImage) -> str:
+    """``images_dir / file_name``, refusing a ``file_name`` that leads out of ``images_dir``.
+
+    ``file_name`` is relative to the images folder (sub-folders allowed). One whose ``..`` parts climb
+    above the folder, or an absolute path elsewhere, would read a file the user did not point at, so
+    it is a :class:`CocoValidationError` naming the record (an absolute path inside the folder is
+    accepted; symbolic links inside the folder are followed as usual, since putting a link there is
+    an explicit choice).
+    """
+    file_name, images_dir = image.file_name, os.fspath(images_dir)
+    if os.path.isabs(file_name):  # allowed only when it lies inside the images folder anyway
+        folder = os.path.abspath(images_dir)
+        escapes = os.path.commonpath([folder, os.path.abspath(file_name)]) != folder
+    else:
+        normalised = os.path.normpath(os.path.splitdrive(file_name)[1])
+        escapes = bool(os.path.splitdrive(file_name)[0]) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep)
+    if escapes:
+        raise coco_error(
+            path, f"image id {image.id} ({file_name})", f"file_name leads outside the images folder {images_dir}",
+            "make file_name a path relative to the images folder, without leading '..' (move or link the image into the "
+            "folder, or pass the folder that holds the images as the images directory)",
+        )
+    return os.path.join(images_dir, file_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +210,29 @@ def _images_of(path, document) -> dict:
     return {image.id: image for image in parse_images(path, document, require_size=False)}
 
 
+def _box_from_segmentation(path, name: str, annotation: dict, image: CocoImage):
+    """``([x, y, w, h], None)``: the tight box of the annotation's mask; or ``(None, why not)``."""
+    from pycocotools import mask as mask_utils
+
+    from .coco_cleaning import DROP_REASONS, segmentation_to_rle  # coco_cleaning imports this module
+
+    segmentation = annotation.get("segmentation")
+    if segmentation is None:
+        return None, "no bbox and no segmentation to derive one from"
+    if image.width is None or image.height is None:
+        return None, "no bbox, and the image record has no width / height to draw its segmentation at"
+    try:
+        rle, drop = segmentation_to_rle(path, name, segmentation, image.height, image.width, [])
+    except CocoValidationError as error:
+        return None, f"no bbox, and its segmentation is unusable ({error})"
+    if drop is not None:
+        return None, f"no bbox, and no box can be derived from its segmentation ({drop}: {DROP_REASONS[drop]})"
+    coco_rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    if mask_utils.area(coco_rle) == 0:
+        return None, "no bbox, and its segmentation covers no pixel"
+    return [float(v) for v in mask_utils.toBbox(coco_rle)], None
+
+
 def load_box_source(boxes_path: os.PathLike, image_info_path: Optional[os.PathLike] = None,
                     score_threshold: Optional[float] = None) -> BoxSource:
     """Read prompt boxes from a COCO annotations file or a COCO detection results file.
@@ -187,8 +245,11 @@ def load_box_source(boxes_path: os.PathLike, image_info_path: Optional[os.PathLi
       of ``image_info_path`` (any COCO file with ``images``: the annotations file of the split, or an
       image-info file), which is required for this kind.
 
-    Boxes whose image id is not in the images list are not fatal: each is listed under
-    ``unknown_image``.
+    An annotation without ``bbox`` gets the tight box of its segmentation (counted as
+    ``box_from_segmentation``), as the dataset conversion does; one whose segmentation gives no box
+    either is listed under ``no_box``. Boxes whose image id is not in the images list are not fatal:
+    each is listed under ``unknown_image``. Records are named by annotation id (detections, which
+    have none, by their position in the list).
     """
     boxes_path = str(boxes_path)
     document = read_json_file(boxes_path, "boxes")
@@ -220,12 +281,21 @@ def load_box_source(boxes_path: os.PathLike, image_info_path: Optional[os.PathLi
         )
     source = BoxSource(kind, images, {image_id: [] for image_id in images})
     source.counts = {"crowd_skipped": 0, "below_score_threshold": 0}
+    if kind == "annotations":
+        source.counts["box_from_segmentation"] = 0
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image_id" not in entry or "bbox" not in entry:
-            raise coco_error(boxes_path, f"record {index}", 'a box record needs "image_id" and "bbox"', "complete or remove it")
-        name = f"annotation {entry['id']}" if kind == "annotations" and "id" in entry else f"{kind[:-1]} {index}"
-        bbox = parse_bbox(boxes_path, name, entry["bbox"])
+        if not isinstance(entry, dict):
+            raise coco_error(boxes_path, f"{kind}[{index}]", "a box record must be a JSON object", "fix or remove it")
+        if kind == "annotations":
+            name = (f"annotation {require_int(boxes_path, f'annotations[{index}]', entry, 'id')}" if "id" in entry
+                    else f"annotations[{index}] (no id)")
+        else:
+            name = f"detection {index}"
+        if "image_id" not in entry:
+            raise coco_error(boxes_path, name, 'the record has no "image_id"', "give it the id of its image, or remove it")
         image_id = require_int(boxes_path, name, entry, "image_id")
+        if kind == "detections" and entry.get("bbox") is None:
+            raise coco_error(boxes_path, name, 'a detection needs a "bbox" [x, y, width, height]', "complete or remove it")
         score = None
         if kind == "annotations":
             if int(entry.get("iscrowd", 0)) == 1:
@@ -242,6 +312,14 @@ def load_box_source(boxes_path: os.PathLike, image_info_path: Optional[os.PathLi
         if image_id not in images:
             source.report("unknown_image", f"{name}: image_id {image_id} is not in the images list")
             continue
+        if entry.get("bbox") is None:  # an annotation without a box: the tight box of its mask, as the conversion does
+            bbox, problem = _box_from_segmentation(boxes_path, name, entry, images[image_id])
+            if bbox is None:
+                source.report("no_box", f"{name} (image id {image_id}, {images[image_id].file_name}): {problem}")
+                continue
+            source.counts["box_from_segmentation"] += 1
+        else:
+            bbox = parse_bbox(boxes_path, name, entry["bbox"])
         source.boxes[image_id].append(BoxEntry(bbox, int(entry.get("category_id", 1)), name, score))
     return source
 
@@ -252,6 +330,7 @@ __all__ = [
     "CocoImage",
     "CocoValidationError",
     "coco_error",
+    "image_file_path",
     "is_number",
     "load_box_source",
     "parse_bbox",

@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 from pycocotools import mask as mask_utils
 
 from .coco import CocoImage, coco_error, is_number, parse_bbox, parse_categories, parse_images, read_coco_json, require_int
+from .masks import rle_problem
+
+#: Polygon points may lie this many image sides (the larger one) outside the image before the
+#: polygon is clipped (see :func:`polygon_parts`).
+POLYGON_MARGIN = 1.0
 
 # Repairs keep the annotation; drops remove it. Keys are the reason names used in report.json.
 REPAIR_REASONS = {
     "polygon_part_too_few_points": "a polygon part with fewer than 3 points was removed (other parts kept)",
+    "polygon_clipped": "polygon points lay more than one image side outside the image; the polygon was clipped to "
+                       "the image grown by that margin",
     "box_missing": "the annotation has no bbox; the mask's tight box is used",
     "box_outside_image": "the box reached outside the image and was clipped to it",
     "box_zero_size": "the box had zero (or negative) width or height; the mask's tight box is used",
@@ -33,6 +41,7 @@ REPAIR_REASONS = {
 DROP_REASONS = {
     "segmentation_missing": "the annotation has no segmentation (missing, null or empty)",
     "no_valid_polygon": "every polygon part had fewer than 3 points",
+    "polygon_outside_image": "the polygon lies wholly outside the image",
     "empty_mask": "the mask covers no pixel",
     "box_mask_mismatch": "the IoU between the box and the mask's tight box is below box_mask_iou_threshold",
 }
@@ -47,53 +56,118 @@ class CocoSplit:
     categories: dict  # COCO category id -> name
     images: list  # CocoImage, in JSON order
     num_annotations: int
-    dropped: dict  # reason -> [annotation ids]
-    repaired: dict  # reason -> [annotation ids]
+    dropped: dict  # reason -> [{"annotation_id", "image_id", "file_name"}]
+    repaired: dict  # reason -> [{"annotation_id", "image_id", "file_name"}]
+
+
+def _clip_polygon(points: list, left: float, top: float, right: float, bottom: float) -> list:
+    """Sutherland-Hodgman clip of a polygon (list of (x, y)) to a rectangle, in exact arithmetic.
+
+    Fractions keep the cut points exact for any finite input (1e300 included), where float
+    differences could overflow to inf.
+    """
+    def cut(points, inside, crossing):
+        kept = []
+        for index, current in enumerate(points):
+            previous = points[index - 1]
+            if inside(current):
+                if not inside(previous):
+                    kept.append(crossing(previous, current))
+                kept.append(current)
+            elif inside(previous):
+                kept.append(crossing(previous, current))
+        return kept
+
+    def at_x(limit):
+        return lambda p, q: (limit, p[1] + (q[1] - p[1]) * (limit - p[0]) / (q[0] - p[0]))
+
+    def at_y(limit):
+        return lambda p, q: (p[0] + (q[0] - p[0]) * (limit - p[1]) / (q[1] - p[1]), limit)
+
+    left, top, right, bottom = (Fraction(v) for v in (left, top, right, bottom))
+    points = [(Fraction(x), Fraction(y)) for x, y in points]
+    for inside, crossing in (
+        (lambda p: p[0] >= left, at_x(left)), (lambda p: p[0] <= right, at_x(right)),
+        (lambda p: p[1] >= top, at_y(top)), (lambda p: p[1] <= bottom, at_y(bottom)),
+    ):
+        if not points:
+            break
+        points = cut(points, inside, crossing)
+    return [(float(x), float(y)) for x, y in points]
+
+
+def polygon_parts(path, record, segmentation: list, height: int, width: int, repairs: list) -> list:
+    """Checked polygon parts, ready for ``frPyObjects``; an empty list means none is left.
+
+    * A part that is not a flat list of finite numbers, or has an odd length, is a
+      :class:`~.coco.CocoValidationError` (NaN and infinity included).
+    * A part with fewer than 3 points is removed (``polygon_part_too_few_points``).
+    * A part with a point more than :data:`POLYGON_MARGIN` image sides outside the image is clipped
+      to the image grown by that margin (``polygon_clipped``); a part that lies wholly outside it
+      is removed. ``pycocotools`` rasterises at 5x resolution in C ints and allocates memory in
+      proportion to the edge lengths, so a coordinate like 1e12 crashes it (or exhausts memory);
+      within the margin the polygon is passed on untouched, so its mask is exactly ``annToMask``'s.
+    """
+    margin = POLYGON_MARGIN * max(height, width)
+    left, top, right, bottom = -margin, -margin, width + margin, height + margin
+    parts = []
+    for part in segmentation:
+        if not isinstance(part, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part):
+            raise coco_error(path, record, "a polygon must be a list of numbers [x1, y1, x2, y2, ...]", "fix or remove the polygon")
+        if not all(is_number(value) for value in part):
+            bad = next(value for value in part if not is_number(value))
+            raise coco_error(path, record, f"a polygon has a coordinate that is not a finite number ({bad!r})",
+                             "fix or remove the polygon")
+        if len(part) % 2:
+            raise coco_error(path, record, f"a polygon has an odd number of coordinates ({len(part)})", "fix or remove the polygon")
+        if len(part) < 6:
+            repairs.append("polygon_part_too_few_points")
+            continue
+        xs, ys = part[0::2], part[1::2]
+        if min(xs) < left or max(xs) > right or min(ys) < top or max(ys) > bottom:
+            repairs.append("polygon_clipped")
+            clipped = _clip_polygon(list(zip(xs, ys)), left, top, right, bottom)
+            if len(clipped) < 3:
+                continue
+            part = [value for point in clipped for value in point]
+        parts.append([float(value) for value in part])
+    return parts
+
+
+def _covers_image(part: list, height: int, width: int) -> bool:
+    """Whether the part's extent overlaps the inside of the image (else pycocotools draws no pixel of it)."""
+    xs, ys = part[0::2], part[1::2]
+    return min(xs) < width and max(xs) > 0 and min(ys) < height and max(ys) > 0
 
 
 def segmentation_to_rle(path, record, segmentation, height, width, repairs):
     """COCO segmentation -> (compressed RLE dict or None, drop reason or None).
 
-    Mirrors ``COCO.annToRLE``; polygon parts with fewer than 3 points are removed first (noted in
-    ``repairs``) because pycocotools would read a 2-point part as a box.
+    Mirrors ``COCO.annToRLE`` after the checks of :func:`polygon_parts` (polygons) and
+    :func:`~.masks.rle_problem` (RLE: size, well-formed counts covering exactly height x width
+    pixels; a bad RLE is a :class:`~.coco.CocoValidationError`, since pycocotools would read it
+    without complaint and produce nonsense).
     """
     if segmentation is None or (isinstance(segmentation, (list, dict)) and len(segmentation) == 0):
         return None, "segmentation_missing"
     if isinstance(segmentation, list):
-        parts = []
-        for part in segmentation:
-            if not isinstance(part, list) or not all(is_number(value) for value in part):
-                raise coco_error(path, record, "a polygon must be a list of numbers [x1, y1, x2, y2, ...]", "fix or remove the polygon")
-            if len(part) % 2:
-                raise coco_error(path, record, f"a polygon has an odd number of coordinates ({len(part)})", "fix or remove the polygon")
-            if len(part) < 6:
-                repairs.append("polygon_part_too_few_points")
-                continue
-            parts.append([float(value) for value in part])
-        if not parts:
+        had_parts = any(isinstance(part, list) and len(part) >= 6 for part in segmentation)
+        parts = polygon_parts(path, record, segmentation, height, width, repairs)
+        if not had_parts:
             return None, "no_valid_polygon"
+        if not any(_covers_image(part, height, width) for part in parts):
+            return None, "polygon_outside_image"
         rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
     elif isinstance(segmentation, dict):
-        counts, size = segmentation.get("counts"), segmentation.get("size")
-        if not (isinstance(size, list) and len(size) == 2 and all(is_number(v) for v in size)):
-            raise coco_error(path, record, f'RLE "size" must be [height, width], found {size!r}', "fix the RLE")
-        if [int(size[0]), int(size[1])] != [height, width]:
-            raise coco_error(
-                path, record, f"RLE size {list(size)} differs from the image size [height, width] = [{height}, {width}]",
-                "encode the mask at the image size",
-            )
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or sum(counts) != height * width:
-                raise coco_error(path, record, "uncompressed RLE counts must be non-negative integers summing to height * width", "fix the RLE")
+        problem = rle_problem(segmentation, height, width)
+        if problem is not None:
+            raise coco_error(path, record, problem,
+                             "encode the mask again at the image size (pycocotools.mask.encode), or remove the annotation")
+        if isinstance(segmentation["counts"], list):
             rle = mask_utils.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, (str, bytes)):
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-            try:
-                mask_utils.area(rle)
-            except Exception as error:  # pycocotools raises plain exceptions for corrupt strings
-                raise coco_error(path, record, f"compressed RLE cannot be decoded ({error})", "fix the RLE") from error
         else:
-            raise coco_error(path, record, f'RLE "counts" must be a list or a string, found {type(counts).__name__}', "fix the RLE")
+            counts = segmentation["counts"]
+            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     else:
         raise coco_error(path, record, f"segmentation must be a polygon list or an RLE object, found {type(segmentation).__name__}", "fix it")
     counts = rle["counts"]
@@ -212,8 +286,9 @@ def load_coco_split(
                 path, f"annotation id {annotation_id} (image id {image_id}, {image.file_name})", f"{reason}: {text}",
                 f"correct the annotation, or convert without --strict to {action} it and have it listed in report.json",
             )
+        entry = {"annotation_id": annotation_id, "image_id": image_id, "file_name": image.file_name}
         for reason, _, action in problems:
-            (dropped if action == "drop" else repaired).setdefault(reason, []).append(annotation_id)
+            (dropped if action == "drop" else repaired).setdefault(reason, []).append(entry)
         if drop is None:
             image.objects.append(obj)
     return CocoSplit(

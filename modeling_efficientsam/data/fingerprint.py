@@ -22,7 +22,9 @@ from typing import Optional
 from ..file_utils import file_sha256, json_sha256
 from .coco import read_coco_json
 
-CACHE_FORMAT_VERSION = 1
+# 2: polygons far outside the image are clipped, compressed RLE is checked, report.json names file names
+# (a dataset prepared before may hold an unchecked RLE, so it is converted again).
+CACHE_FORMAT_VERSION = 2
 
 
 def _image_stamp(path: str) -> list:

@@ -18,13 +18,12 @@ sees the pixels the annotations refer to.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 
 from PIL import Image
 
 from ..image_utils import image_size, pil_to_rgb
-from .coco import CocoImage, coco_error
+from .coco import CocoImage, coco_error, image_file_path
 
 _ORIENTATION_TAG = 0x0112
 _PASS_THROUGH_FORMATS = ("JPEG", "PNG")
@@ -38,7 +37,7 @@ class ResolvedImage:
 
 def resolve_image(annotations_path: str, images_dir: str, image: CocoImage) -> ResolvedImage:
     """Find the file, compare its size with the JSON and decide whether EXIF rotation applies."""
-    path = os.path.join(images_dir, image.file_name)
+    path = image_file_path(annotations_path, images_dir, image)
     record = f"image id {image.id} ({image.file_name})"
     try:
         raw = image_size(path, apply_exif=False)

@@ -15,6 +15,81 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
+def compressed_rle_counts(counts) -> np.ndarray:
+    """The run lengths held by a COCO compressed RLE string (str or bytes), as int64.
+
+    ``pycocotools`` reads these strings without any check (a corrupt one yields nonsense areas and
+    boxes, or uninitialised pixels on decoding), so conversion checks them here first. The format is
+    the one of ``maskApi.c`` (``rleToString`` / ``rleFrString``): each value is written in groups of 5
+    bits as characters ``chr(48 + c)``, bit 0x20 meaning "more groups follow" and bit 0x10 of the last
+    group the sign; from the fourth value on, a value is stored as its difference from the value two
+    places before. Raises ``ValueError`` naming what is wrong: a character outside ``'0'..'o'``, a
+    truncated last value, or a value too long to be a run length.
+    """
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError("compressed RLE counts hold a non-ASCII character") from None
+    codes = np.frombuffer(bytes(counts), dtype=np.uint8).astype(np.int64) - 48
+    if codes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    bad = np.flatnonzero((codes < 0) | (codes > 63))
+    if bad.size:
+        position = int(bad[0])
+        raise ValueError(f"compressed RLE counts hold the character {chr(int(codes[position]) + 48)!r} at position "
+                         f"{position}; only '0' to 'o' occur in pycocotools' encoding")
+    last = (codes & 0x20) == 0  # the final 5-bit group of a value
+    if not last[-1]:
+        raise ValueError("compressed RLE counts end in the middle of a value (the string is truncated)")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 7:  # 7 groups = 35 bits hold any 32-bit run length difference
+        raise ValueError(f"compressed RLE counts hold a value of {int(lengths.max())} characters, longer than any run length")
+    shifts = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((codes & 0x1F) << shifts, starts)
+    negative = (codes[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * lengths[negative])
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # value i >= 3 is stored relative to value i - 2
+    runs[2::2] = np.cumsum(values[2::2])
+    return runs
+
+
+def rle_problem(rle: dict, height: int, width: int):
+    """Why ``rle`` (compressed or uncompressed COCO RLE) is not a valid ``height x width`` mask, or None.
+
+    Checked: ``size`` is ``[height, width]``; the counts are well formed, non-negative, and add up to
+    exactly ``height * width`` pixels.
+    """
+    size = rle.get("size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, np.integer)) for v in size)):
+        return f'RLE "size" must be [height, width], found {size!r}'
+    if [int(size[0]), int(size[1])] != [height, width]:
+        return f"RLE size {list(size)} differs from the image size [height, width] = [{height}, {width}]"
+    counts = rle.get("counts")
+    if isinstance(counts, list):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in counts):
+            return "uncompressed RLE counts must be integers"
+        runs = np.asarray(counts, dtype=np.int64)
+        kind = "uncompressed"
+    elif isinstance(counts, (str, bytes)):
+        try:
+            runs = compressed_rle_counts(counts)
+        except ValueError as error:
+            return str(error)
+        kind = "compressed"
+    else:
+        return f'RLE "counts" must be a list (uncompressed) or a string (compressed), found {type(counts).__name__}'
+    if runs.size and runs.min() < 0:
+        return f"{kind} RLE counts hold a negative run length ({int(runs.min())})"
+    total = int(runs.sum())
+    if total != height * width:
+        return (f"{kind} RLE counts cover {total} pixels, but a {height} x {width} mask has {height * width}")
+    return None
+
+
 def decode_rle(rle: dict) -> np.ndarray:
     """COCO RLE (counts as str, bytes or list; size [h, w]) -> (h, w) bool array."""
     counts = rle["counts"]

@@ -233,7 +233,9 @@ def export_onnx(model_path: str, output_dir, opset: int = 17, atol: float = DEFA
     """
     from ..processing_efficientsam import load_processor
 
-    model = EfficientSamModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    from .loading import load_efficientsam_model
+
+    model = load_efficientsam_model(model_path, dtype=torch.float32).eval()
     processor = load_processor(model_path, image_size=model.config.image_size)
     with staged_directory(output_dir, merge=True) as staging:
         used = export_graphs(model, staging, opset, exporter)

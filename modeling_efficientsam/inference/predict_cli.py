@@ -43,7 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.coco import CocoImage, load_box_source
+from ..data.coco import CocoImage, image_file_path, load_box_source
 from ..data.image_files import resolve_image
 from ..file_utils import save_image_atomic, write_json_atomic
 from ..image_utils import load_image
@@ -59,9 +59,11 @@ SUMMARY_NAME = "summary.json"
 class ImageLocator:
     """Map a COCO ``file_name`` to a file among the ``--images`` arguments.
 
-    Folders: ``folder / file_name`` (file names may contain sub-folders). Files: matched by their
-    base name (or their full path when ``file_name`` is one). ``only_listed_files`` is true when every
-    argument is a file: then only records for those files are wanted.
+    Folders: ``folder / file_name`` (file names may contain sub-folders, but may not lead out of the
+    folder: an absolute ``file_name`` or one climbing out with ``..`` is an error naming the record).
+    Files: matched by their base name, so a listed file is used whatever folder ``file_name`` names.
+    ``only_listed_files`` is true when every argument is a file: then only records for those files
+    are wanted.
     """
 
     def __init__(self, inputs):
@@ -77,14 +79,13 @@ class ImageLocator:
         self.only_listed_files = not self.folders
         self.used: set = set()
 
-    def find(self, file_name: str) -> Optional[Path]:
+    def find(self, record: CocoImage, boxes_path: str) -> Optional[Path]:
+        """The file of ``record``; a ``file_name`` that leads out of a folder is an error (see ``image_file_path``)."""
+        file_name = record.file_name
         for folder in self.folders:
-            candidate = folder / file_name
+            candidate = Path(image_file_path(boxes_path, folder, record))
             if candidate.is_file():
                 return candidate
-        direct = Path(file_name)
-        if direct.is_absolute() and direct.is_file() and direct.name in self.files:
-            return direct
         match = self.files.get(Path(file_name).name)
         if match is not None:
             self.used.add(match.name)
@@ -147,7 +148,7 @@ def run(args) -> dict:
     work = []  # (record, path, boxes)
     for image_id, record in source.images.items():
         boxes = source.boxes[image_id]
-        path = locator.find(record.file_name)
+        path = locator.find(record, args.image_info or args.boxes)
         if path is None and locator.only_listed_files:
             counts["not_in_images"] += 1
             continue

@@ -38,6 +38,7 @@ from ..image_processing_efficientsam import EfficientSamImageProcessor
 from ..metrics import select_by_predicted_iou
 from ..modeling_efficientsam import EfficientSamModel
 from ..processing_efficientsam import EfficientSamProcessor, load_processor
+from .loading import load_efficientsam_model
 from .prompt_checks import check_prompts, decide_normalized, looks_like_prompts
 from .results import EfficientSamPrediction
 
@@ -136,9 +137,11 @@ class EfficientSamPredictor:
 
         The processor comes from :func:`~modeling_efficientsam.processing_efficientsam.load_processor`:
         the settings saved with the model, or the default processor for the model's image size when the
-        folder has none (a processor config that cannot be read is an error).
+        folder has none (a processor config that cannot be read is an error). A model that cannot be
+        loaded (damaged weights, broken config, missing folder) raises
+        :class:`~.loading.ModelLoadError` naming the file and the fix.
         """
-        model = EfficientSamModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = load_efficientsam_model(pretrained_model_name_or_path, **kwargs)
         processor = load_processor(pretrained_model_name_or_path, image_size=model.config.image_size, **kwargs)
         return cls(model, processor, device=device, dtype=dtype, autocast=autocast,
                    max_queries_per_batch=max_queries_per_batch)

@@ -1,4 +1,12 @@
-"""Training components: losses, distillation losses, schedules and loss weighting."""
+"""Training components.
+
+Losses (``losses``, ``distillation``), the distillation schedule (``schedules``), loss weighting
+(``weighting``, checkpointed by ``weighting_checkpoint``), optimizers and learning-rate schedules
+(``optimization``), evaluation metrics (``evaluation``), the trainer (``trainer``), arguments and their
+parsing (``arguments``, ``argument_parsing``, ``config_mapping``), what ``train.py`` builds
+(``model_building``, ``dataset_building``), callbacks, the model card and decoder-only checkpoints
+(``decoder_checkpoint``).
+"""
 
 from .distillation import (
     attention_distillation_loss,
@@ -40,18 +48,14 @@ __all__ = [
     "soft_iou_loss",
 ]
 
-# Training entry points: arguments, the trainer, callbacks, model card, the guide's config mapping.
-from .arguments import (  # noqa: E402
-    DataArguments,
-    EfficientSamTrainingArguments,
-    ModelArguments,
-    load_recipe,
-    parse_efficientsam_args,
-)
+# Training entry points: arguments, the trainer, callbacks, model card, the guide's config mapping, decoder-only checkpoints.
+from .argument_parsing import load_recipe, parse_efficientsam_args  # noqa: E402
+from .arguments import DataArguments, EfficientSamTrainingArguments, ModelArguments  # noqa: E402
 from .callbacks import DatasetEpochCallback, TensorBoardOverlayCallback, render_overlay  # noqa: E402
 from .config_mapping import map_original_config  # noqa: E402
 from .model_card import build_model_card, non_default_arguments, write_model_card  # noqa: E402
-from .trainer import EfficientSamTrainer, load_decoder_on_base, save_decoder_only  # noqa: E402
+from .decoder_checkpoint import load_decoder_on_base, save_decoder_only  # noqa: E402
+from .trainer import EfficientSamTrainer  # noqa: E402
 
 __all__ += [
     "DataArguments",

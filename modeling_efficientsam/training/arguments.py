@@ -1,47 +1,42 @@
-"""Command-line and recipe arguments for ``train.py``: three dataclasses and a strict recipe parser.
+"""Command-line and recipe arguments for ``train.py``: three dataclasses.
 
 ``ModelArguments`` says where the student (and the teacher) come from and what is frozen,
 ``DataArguments`` where the COCO data is and how prompts are drawn, and
 ``EfficientSamTrainingArguments`` extends ``transformers.TrainingArguments`` with the loss,
 distillation, schedule and optimizer fields. Every field has a ``help`` text and every numeric field
-is range-checked in ``__post_init__``.
-
-:func:`parse_efficientsam_args` reads, in increasing priority:
-
-1. a flat YAML or JSON recipe given as the first argument (``train.py recipes/quickstart.yaml``);
-2. a nested config file of the original guide given with ``--config FILE`` (see
-   :mod:`.config_mapping`);
-3. ``--key value`` flags.
-
-A recipe key or flag that is no field of the three dataclasses is an error naming it.
+is range-checked in ``__post_init__``. The lists of choices and the range checks of values that a
+module implements (schedules, loss weighting, optimizers, prompt modes, cache dtypes, model variants)
+come from that module. :mod:`.argument_parsing` reads recipes and command lines into these classes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
+
+from ..configuration_efficientsam import ORIGINAL_VARIANTS
+from ..data.embedding_cache import STORAGE_DTYPES
+from ..data.training_dataset import PROMPT_MODES
+from .optimization import OPTIMIZERS, SCHEDULERS
+from .schedules import DISTILLATION_DECAYS, check_distillation_values
+from .weighting import LOSS_WEIGHTING_STRATEGIES, check_dwa_settings
 
 __all__ = [
+    "ARGUMENT_CLASSES",
     "DataArguments",
     "EfficientSamTrainingArguments",
     "ModelArguments",
-    "OPTIMIZERS",
-    "SCHEDULERS",
-    "last_complete_checkpoint",
-    "load_recipe",
-    "parse_efficientsam_args",
 ]
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "trainer")
-SCHEDULERS = ("cosine", "onecycle", "step", "trainer")
-LOSS_WEIGHTINGS = ("fixed", "dwa", "uncertainty")
-PROMPT_MODES = ("box", "point", "mixed")
-CACHE_DTYPES = ("bfloat16", "float16", "float32")
+MODEL_VARIANTS = tuple(ORIGINAL_VARIANTS)
+CACHE_DTYPES = tuple(STORAGE_DTYPES)
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    return ", ".join(f"'{choice}'" for choice in choices)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -70,7 +65,7 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Hub revision of model_name_or_path."})
     model_variant: Optional[str] = field(
         default=None,
-        metadata={"help": "Released architecture ('vitt' or 'vits') for a randomly initialized student (needs init_from_scratch)."},
+        metadata={"help": f"Released architecture ({_one_of(MODEL_VARIANTS)}) for a randomly initialized student (needs init_from_scratch)."},
     )
     model_config: Optional[str] = field(  # a dict is accepted too (from a YAML recipe)
         default=None,
@@ -113,7 +108,7 @@ class ModelArguments:
                 setattr(self, name, None)  # lets `--teacher_model_name_or_path none` turn a recipe's teacher off
         if self.model_variant is not None:
             self.model_variant = self.model_variant.lower().replace("-", "").replace("_", "")
-            _check(self.model_variant in ("vitt", "vits"), f"model_variant must be 'vitt' or 'vits', got {self.model_variant!r}")
+            _check(self.model_variant in MODEL_VARIANTS, f"model_variant must be one of {MODEL_VARIANTS}, got {self.model_variant!r}")
         if isinstance(self.model_config, str) and self.model_config.strip().startswith("{"):
             self.model_config = json.loads(self.model_config)
         fresh = self.model_variant is not None or self.model_config is not None
@@ -165,7 +160,7 @@ class DataArguments:
         default=0.1,
         metadata={"help": "Training box jitter: each side moves by up to this fraction of the box size (0 disables). Evaluation never jitters."},
     )
-    prompt_mode: str = field(default="box", metadata={"help": "Training prompts: 'box', 'point' or 'mixed'. Evaluation uses boxes."})
+    prompt_mode: str = field(default="box", metadata={"help": f"Training prompts: {_one_of(PROMPT_MODES)}. Evaluation uses boxes."})
     num_positive_points: int = field(default=1, metadata={"help": "Positive points per query in point mode."})
     num_negative_points: int = field(default=0, metadata={"help": "Negative points per query in point mode."})
     point_probability: float = field(default=0.5, metadata={"help": "Share of point queries in mixed mode."})
@@ -175,7 +170,7 @@ class DataArguments:
         default=True,
         metadata={"help": "With a frozen student encoder, compute image embeddings (student and teacher) once and train from the cache."},
     )
-    embedding_cache_dtype: str = field(default="bfloat16", metadata={"help": "Storage dtype of the embedding cache: bfloat16, float16 or float32."})
+    embedding_cache_dtype: str = field(default="bfloat16", metadata={"help": f"Storage dtype of the embedding cache: {_one_of(CACHE_DTYPES)}."})
     embedding_cache_dir: Optional[str] = field(default=None, metadata={"help": "Where caches go. Default: <dataset folder>/embeddings."})
     image_size: Optional[int] = field(
         default=None,
@@ -262,18 +257,18 @@ class EfficientSamTrainingArguments(TrainingArguments):
     beta_start: float = field(default=0.1, metadata={"help": "Distillation loss weight at the start."})
     beta_end: float = field(default=0.5, metadata={"help": "Distillation loss weight at the last step."})
     distill_warmup_epochs: float = field(default=5.0, metadata={"help": "Epochs during which temperature, alpha and beta keep their start values."})
-    distill_decay: str = field(default="linear", metadata={"help": "How temperature, alpha and beta move after the warm-up: 'linear' or 'cosine'."})
+    distill_decay: str = field(default="linear", metadata={"help": f"How temperature, alpha and beta move after the warm-up: {_one_of(DISTILLATION_DECAYS)}."})
 
     # ---- adaptive loss weights ------------------------------------------------------------------
-    loss_weighting: str = field(default="fixed", metadata={"help": "'fixed' (configured weights), 'dwa' (Dynamic Weight Average) or 'uncertainty' (learned log-variances)."})
+    loss_weighting: str = field(default="fixed", metadata={"help": f"How the loss terms are weighted, one of {_one_of(LOSS_WEIGHTING_STRATEGIES)}: fixed = the configured weights, dwa = Dynamic Weight Average, uncertainty = learned log-variances."})
     dwa_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of DWA."})
     smoothing_factor: float = field(default=0.95, metadata={"help": "DWA: exponential smoothing of the per-step losses, in [0, 1)."})
     adaptive_update_freq: int = field(default=100, metadata={"help": "DWA: optimizer steps between weight updates."})
 
     # ---- optimizer and schedule (the guide's options) --------------------------------------------
-    optimizer: str = field(default="adamw", metadata={"help": "'adamw', 'adam', 'sgd', or 'trainer' to use TrainingArguments.optim."})
+    optimizer: str = field(default="adamw", metadata={"help": f"One of {_one_of(OPTIMIZERS)}; 'trainer' uses TrainingArguments.optim."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum in [0, 1)."})
-    scheduler: str = field(default="cosine", metadata={"help": "'cosine' (to min_lr), 'onecycle', 'step', or 'trainer' to use lr_scheduler_type."})
+    scheduler: str = field(default="cosine", metadata={"help": f"One of {_one_of(SCHEDULERS)}: cosine goes to min_lr; trainer uses lr_scheduler_type."})
     min_lr: float = field(default=1e-6, metadata={"help": "Final learning rate of 'cosine' and 'onecycle'."})
     warmup_epochs: float = field(default=0.0, metadata={"help": "Linear learning-rate warm-up, in epochs (overrides warmup_steps when > 0)."})
     lr_decay_epochs: float = field(default=20.0, metadata={"help": "'step' scheduler: epochs between decays (guide: lr_decay_step)."})
@@ -288,17 +283,20 @@ class EfficientSamTrainingArguments(TrainingArguments):
         _check_non_negative(self, (
             "focal_gamma", "focal_weight", "dice_weight", "iou_weight", "boundary_weight", "iou_head_weight",
             "mask_kd_weight", "iou_kd_weight", "feature_distillation_weight", "embedding_distillation_weight",
-            "attention_distillation_weight", "alpha_start", "alpha_end", "beta_start", "beta_end",
-            "distill_warmup_epochs", "min_lr", "warmup_epochs",
+            "attention_distillation_weight", "min_lr", "warmup_epochs",
         ))
         _check(self.boundary_band_width >= 1, f"boundary_band_width must be >= 1, got {self.boundary_band_width}")
-        _check(0 < self.min_temperature <= self.max_temperature,
-               f"need 0 < min_temperature <= max_temperature, got {self.min_temperature} and {self.max_temperature}")
-        _check(self.distill_decay in ("linear", "cosine"), f"distill_decay must be 'linear' or 'cosine', got {self.distill_decay!r}")
-        _check(self.loss_weighting in LOSS_WEIGHTINGS, f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        _check(self.dwa_temperature > 0, f"dwa_temperature must be > 0, got {self.dwa_temperature}")
-        _check(0.0 <= self.smoothing_factor < 1.0, f"smoothing_factor must be in [0, 1), got {self.smoothing_factor}")
-        _check(self.adaptive_update_freq >= 1, f"adaptive_update_freq must be >= 1, got {self.adaptive_update_freq}")
+        check_distillation_values(
+            distill_warmup_epochs=self.distill_warmup_epochs, max_temperature=self.max_temperature,
+            min_temperature=self.min_temperature, alpha_start=self.alpha_start, alpha_end=self.alpha_end,
+            beta_start=self.beta_start, beta_end=self.beta_end,
+        )
+        _check(self.distill_decay in DISTILLATION_DECAYS,
+               f"distill_decay must be one of {DISTILLATION_DECAYS}, got {self.distill_decay!r}")
+        _check(self.loss_weighting in LOSS_WEIGHTING_STRATEGIES,
+               f"loss_weighting must be one of {LOSS_WEIGHTING_STRATEGIES}, got {self.loss_weighting!r}")
+        check_dwa_settings(temperature=self.dwa_temperature, smoothing_factor=self.smoothing_factor,
+                           update_freq=self.adaptive_update_freq)
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
@@ -322,151 +320,5 @@ class EfficientSamTrainingArguments(TrainingArguments):
             self.use_cpu = True
 
 
-# ------------------------------------------------------------------------------------------------
-# Parsing
-# ------------------------------------------------------------------------------------------------
-
+# The three argument groups, in the order train.py and the parser use them.
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, EfficientSamTrainingArguments)
-
-# The original guide's command line: finetune.py --config C --save_dir D [--device cuda] [--resume CKPT]
-_GUIDE_FLAG_ALIASES = {"--save_dir": "--output_dir", "--resume": "--resume_from_checkpoint"}
-
-
-def load_recipe(path: str) -> Dict[str, Any]:
-    """Read a flat YAML (``.yaml``/``.yml``) or JSON recipe into a dict (empty file -> {})."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    elif path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        raise ValueError(f"recipe {path}: expected a .yaml, .yml or .json file")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {path}: expected a mapping of argument names to values, got {type(data).__name__}")
-    nested = sorted(k for k, v in data.items() if isinstance(v, dict) and k not in ("model_config", "lr_scheduler_kwargs",
-                                                                               "gradient_checkpointing_kwargs", "fsdp_config",
-                                                                               "accelerator_config", "deepspeed"))
-    if nested:
-        raise ValueError(
-            f"recipe {path}: recipes are flat 'key: value' files, but {nested} hold sections; a nested config of the "
-            "original guide is read with --config FILE"
-        )
-    return data
-
-
-def _pop_flag(argv: List[str], flag: str) -> Optional[str]:
-    """Remove ``flag VALUE`` or ``flag=VALUE`` from argv and return VALUE (None when absent)."""
-    for index, item in enumerate(argv):
-        if item == flag:
-            if index + 1 >= len(argv):
-                raise ValueError(f"{flag} needs a value")
-            value = argv[index + 1]
-            del argv[index:index + 2]
-            return value
-        if item.startswith(flag + "="):
-            del argv[index]
-            return item.split("=", 1)[1]
-    return None
-
-
-def _guide_aliases(argv: List[str]) -> List[str]:
-    out = []
-    for item in argv:
-        name, eq, value = item.partition("=")
-        if name in _GUIDE_FLAG_ALIASES:
-            item = _GUIDE_FLAG_ALIASES[name] + (eq + value if eq else "")
-        out.append(item)
-    device = _pop_flag(out, "--device")
-    if device is not None:
-        if device.startswith("cpu"):
-            out += ["--use_cpu", "true"]
-        elif not device.startswith(("cuda", "gpu")):
-            raise ValueError(f"--device {device}: use cpu or cuda (devices are chosen by accelerate launch)")
-    return out
-
-
-def _recipe_value_for_argparse(value):
-    # Scalars become strings so argparse type-checks them exactly like command-line values.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return value
-
-
-def parse_efficientsam_args(
-    argv: Optional[Sequence[str]] = None,
-) -> Tuple[ModelArguments, DataArguments, EfficientSamTrainingArguments]:
-    """Parse ``[RECIPE] [--config GUIDE_JSON] [--key value ...]`` into the three dataclasses.
-
-    Raises ValueError naming any recipe key, guide-config key or flag that is not an argument.
-    ``resume_from_checkpoint: true`` (or ``last``) means the newest checkpoint in output_dir.
-    """
-    from .config_mapping import map_original_config
-
-    argv = _guide_aliases(list(sys.argv[1:] if argv is None else argv))
-    values: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
-    if argv and not argv[0].startswith("-"):
-        recipe_path = argv.pop(0)
-        recipe = load_recipe(recipe_path)
-        values.update(recipe)
-        sources.update({key: recipe_path for key in recipe})
-    config_path = _pop_flag(argv, "--config")
-    if config_path is not None:
-        with open(config_path, encoding="utf-8") as handle:
-            mapped = map_original_config(json.load(handle), source=config_path)
-        values.update(mapped)
-        sources.update({key: config_path for key in mapped})
-
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        where = ", ".join(f"{key!r} (from {sources[key]})" for key in unknown)
-        raise ValueError(f"unknown argument(s) {where}; see `python train.py --help` for the accepted names")
-    for action in parser._actions:
-        if action.dest in values:
-            action.default = _recipe_value_for_argparse(values[action.dest])
-            action.required = False
-    model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
-    if remaining:
-        raise ValueError(f"unknown command-line argument(s) {remaining}; see `python train.py --help`")
-    _resolve_resume(training_args)
-    return model_args, data_args, training_args
-
-
-def last_complete_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that was written to the end.
-
-    The Trainer writes ``trainer_state.json`` last, so a folder without it is the remains of a run
-    killed while saving and is skipped.
-    """
-    import re
-
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
-            steps.append(int(match.group(1)))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def _resolve_resume(training_args: EfficientSamTrainingArguments) -> None:
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
-        last = last_complete_checkpoint(training_args.output_dir)
-        if last is None:
-            raise ValueError(f"resume_from_checkpoint={resume}: no complete checkpoint-* folder in {training_args.output_dir}")
-        training_args.resume_from_checkpoint = last
-    elif isinstance(resume, str) and resume.lower() in ("false", "none", ""):
-        training_args.resume_from_checkpoint = None

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
+from ..configuration_efficientsam import ORIGINAL_VARIANTS
+
 __all__ = ["GUIDE_KEYS", "RELEASED_CHECKPOINT_TEMPLATE", "map_original_config"]
 
 RELEASED_CHECKPOINT_TEMPLATE = "yunyangx/EfficientSAM/efficient_sam_{variant}.pt"
@@ -33,8 +35,8 @@ def _variant(value) -> Optional[str]:
     if value is None:
         return None
     key = str(value).lower().replace("-", "").replace("_", "")
-    if key not in ("vitt", "vits"):
-        raise ValueError(f"variant must be 'vitt' or 'vits' (or null), got {value!r}")
+    if key not in ORIGINAL_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(ORIGINAL_VARIANTS)} (or null), got {value!r}")
     return RELEASED_CHECKPOINT_TEMPLATE.format(variant=key)
 
 

@@ -16,6 +16,10 @@ batch; the local count when None; clamped to at least 1, so an all-padding batch
   the student's encoder is trained).
 - :func:`attention_distillation_loss`: KL(teacher || student) between token-to-image attention
   distributions, per head and token.
+
+:data:`DISTILLATION_TERMS` names the terms as the trainer logs and weights them, and
+:func:`check_teacher_compatibility` says whether a teacher's outputs can be compared with a
+student's by these functions.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import torch.nn.functional as F
 from .losses import normalize_over_queries
 
 __all__ = [
+    "DISTILLATION_TERMS",
     "bernoulli_kl_with_logits",
+    "check_teacher_compatibility",
     "mask_distillation_loss",
     "feature_distillation_loss",
     "image_embedding_distillation_loss",
@@ -36,6 +42,41 @@ __all__ = [
 ]
 
 Number = Union[int, float, torch.Tensor]
+
+# Every distillation term, by name: mask_distillation_loss gives the first two, feature_distillation_loss
+# the decoder-feature pair, image_embedding_distillation_loss and attention_distillation_loss one each.
+DISTILLATION_TERMS = (
+    "mask_kd_loss", "iou_kd_loss", "token_feature_loss", "upscaled_feature_loss", "embedding_kd_loss", "attention_kd_loss",
+)
+
+
+def check_teacher_compatibility(student_config, teacher_config, *, feature_distillation: bool,
+                                attention_distillation: bool) -> None:
+    """Raise ValueError listing every reason why ``teacher_config`` cannot be distilled into ``student_config``.
+
+    Both models see the same prompts, so they need the same input size; the per-candidate losses need
+    the same mask size and number of candidates; feature distillation needs equal decoder widths and
+    attention distillation equal decoder depth and heads. The image encoders may differ freely.
+    """
+    problems = []
+    if teacher_config.image_size != student_config.image_size:
+        problems.append(f"input size {teacher_config.image_size} vs the student's {student_config.image_size} "
+                        "(prompts are in that frame)")
+    if teacher_config.low_res_mask_size != student_config.low_res_mask_size:
+        problems.append(f"mask size {teacher_config.low_res_mask_size} vs {student_config.low_res_mask_size}")
+    teacher, student = teacher_config.mask_decoder_config, student_config.mask_decoder_config
+    if teacher.num_multimask_outputs != student.num_multimask_outputs:
+        problems.append("a different number of candidate masks")
+    if feature_distillation and (
+        teacher.hidden_size != student.hidden_size or teacher.upscaling_dims[-1] != student.upscaling_dims[-1]
+    ):
+        problems.append("decoder widths that differ (feature_distillation needs equal widths; set it false)")
+    if attention_distillation and (
+        teacher.num_hidden_layers != student.num_hidden_layers or teacher.num_attention_heads != student.num_attention_heads
+    ):
+        problems.append("decoder depth/heads that differ (attention_distillation needs equal ones; set it false)")
+    if problems:
+        raise ValueError("the teacher cannot be distilled into this student: " + "; ".join(problems))
 
 
 def _default_query_mask(reference: torch.Tensor, query_mask: Optional[torch.Tensor]) -> torch.Tensor:

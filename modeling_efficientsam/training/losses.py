@@ -22,7 +22,7 @@ at least 1, so a batch of padding only yields a finite zero loss with zero gradi
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..metrics.functional import mask_iou
 
 __all__ = [
+    "GROUND_TRUTH_TERMS",
     "sigmoid_focal_loss",
     "dice_loss",
     "soft_iou_loss",
@@ -38,7 +39,12 @@ __all__ = [
     "iou_head_loss",
     "normalize_over_queries",
     "segmentation_loss",
+    "step_normalizers",
 ]
+
+
+# The ground-truth terms returned by segmentation_loss, by name, as the trainer logs and weights them.
+GROUND_TRUTH_TERMS = ("focal_loss", "dice_loss", "iou_loss", "boundary_loss", "iou_head_loss")
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +190,30 @@ def normalize_over_queries(
     return kept.sum() / divisor
 
 
+def step_normalizers(
+    batches: Sequence[Mapping[str, torch.Tensor]], *, device=None,
+    all_reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
+    """The normalizers of one optimizer step: its real queries and its images, over all micro-batches.
+
+    Args:
+        batches: the collated micro-batches of the step, each with a ``(B, Q)`` ``query_mask``.
+        device: where the counts go.
+        all_reduce_sum: sums a tensor over processes (None for a single process).
+
+    Returns:
+        ``{"num_queries": N_q, "num_images": N_img}``, int64 scalars: the ``num_queries`` (and
+        ``num_images``) to give every loss of the step (see the module docstring).
+    """
+    counts = torch.tensor(
+        [sum(int(batch["query_mask"].sum()) for batch in batches), sum(int(batch["query_mask"].shape[0]) for batch in batches)],
+        dtype=torch.int64, device=device,
+    )
+    if all_reduce_sum is not None:
+        counts = all_reduce_sum(counts)
+    return {"num_queries": counts[0], "num_images": counts[1]}
+
+
 def segmentation_loss(
     *,
     pred_masks: torch.Tensor,
@@ -191,14 +221,11 @@ def segmentation_loss(
     labels: torch.Tensor,
     query_mask: Optional[torch.Tensor] = None,
     num_queries: Optional[Union[int, float, torch.Tensor]] = None,
-    focal_weight: float = 1.0,
-    dice_weight: float = 1.0,
-    iou_weight: float = 1.0,
-    boundary_weight: float = 0.5,
+    # term weights
+    focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0, boundary_weight: float = 0.5,
     iou_head_weight: float = 1.0,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    boundary_band_width: int = 3,
+    # term parameters
+    focal_alpha: float = 0.25, focal_gamma: float = 2.0, boundary_band_width: int = 3,
 ) -> Dict[str, torch.Tensor]:
     """Full ground-truth loss of a batch, with the minimum-loss candidate per query.
 

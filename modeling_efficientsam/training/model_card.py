@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
-__all__ = ["build_model_card", "non_default_arguments", "write_model_card"]
+from .evaluation import final_metrics, load_initial_metrics
+
+__all__ = ["build_model_card", "card_context", "non_default_arguments", "write_model_card"]
 
 _METRIC_ROWS = (
     ("eval_mean_iou", "mIoU (instance mean)"),
@@ -178,10 +180,23 @@ def build_model_card(
     return "\n".join(parts)
 
 
+def card_context(model_args, data_args, training_args, dataset_summary: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What ``train.py`` tells the model card about a run: base and teacher model, recipe, data summary."""
+    return {
+        "base_model": model_args.model_name_or_path,
+        "teacher_model": model_args.teacher_model_name_or_path,
+        "model_args": model_args, "data_args": data_args,
+        "recipe": non_default_arguments(model_args, data_args, training_args),
+        "dataset_summary": dataset_summary,
+    }
+
+
 def write_model_card(trainer, model_name: Optional[str] = None, tags=None, license: Optional[str] = "apache-2.0") -> str:
     """Write ``README.md`` into ``trainer.args.output_dir`` from the trainer's run; returns its path.
 
-    Reads ``trainer.card_context`` when train.py set it (arguments, data summary, base model).
+    Reads ``trainer.card_context`` when train.py set it (see :func:`card_context`), the metrics before
+    training from the trainer (or, after a resume, from ``output_dir``) and the final ones from its
+    log history.
     """
     context: Dict[str, Any] = dict(getattr(trainer, "card_context", None) or {})
     args = trainer.args
@@ -190,8 +205,8 @@ def write_model_card(trainer, model_name: Optional[str] = None, tags=None, licen
     recipe = context.get("recipe")
     if recipe is None:
         recipe = non_default_arguments(context.get("model_args"), context.get("data_args"), args)
-    after = trainer.final_metrics() if hasattr(trainer, "final_metrics") else None
-    before = trainer.load_initial_metrics() if hasattr(trainer, "load_initial_metrics") else None
+    after = final_metrics(trainer.state)
+    before = getattr(trainer, "initial_metrics", None) or load_initial_metrics(args.output_dir)
     summary = {
         "optimizer steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 2),

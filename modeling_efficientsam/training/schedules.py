@@ -10,7 +10,24 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict
 
-__all__ = ["DistillationSchedule"]
+__all__ = ["DISTILLATION_DECAYS", "DistillationSchedule", "check_distillation_values"]
+
+DISTILLATION_DECAYS = ("linear", "cosine")
+
+
+def check_distillation_values(
+    *, distill_warmup_epochs: float, max_temperature: float, min_temperature: float,
+    alpha_start: float, alpha_end: float, beta_start: float, beta_end: float,
+) -> None:
+    """Range checks of the schedule's values (also applied to the training arguments of the same names)."""
+    if distill_warmup_epochs < 0:
+        raise ValueError(f"distill_warmup_epochs must be >= 0, got {distill_warmup_epochs}")
+    if not 0 < min_temperature <= max_temperature:
+        raise ValueError(f"need 0 < min_temperature <= max_temperature, got {min_temperature} and {max_temperature}")
+    for name, value in (("alpha_start", alpha_start), ("alpha_end", alpha_end), ("beta_start", beta_start),
+                        ("beta_end", beta_end)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -53,17 +70,22 @@ class DistillationSchedule:
             raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
         if int(self.steps_per_epoch) <= 0:
             raise ValueError(f"steps_per_epoch must be > 0, got {self.steps_per_epoch}")
-        if self.distill_warmup_epochs < 0:
-            raise ValueError(f"distill_warmup_epochs must be >= 0, got {self.distill_warmup_epochs}")
-        if not 0 < self.min_temperature <= self.max_temperature:
-            raise ValueError(
-                f"need 0 < min_temperature <= max_temperature, got {self.min_temperature} and {self.max_temperature}"
-            )
-        for name in ("alpha_start", "alpha_end", "beta_start", "beta_end"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.decay not in ("linear", "cosine"):
-            raise ValueError(f"decay must be 'linear' or 'cosine', got {self.decay!r}")
+        check_distillation_values(
+            distill_warmup_epochs=self.distill_warmup_epochs, max_temperature=self.max_temperature,
+            min_temperature=self.min_temperature, alpha_start=self.alpha_start, alpha_end=self.alpha_end,
+            beta_start=self.beta_start, beta_end=self.beta_end,
+        )
+        if self.decay not in DISTILLATION_DECAYS:
+            raise ValueError(f"decay must be one of {DISTILLATION_DECAYS}, got {self.decay!r}")
+
+    @classmethod
+    def from_training_arguments(cls, args, *, total_steps: int, steps_per_epoch: int) -> "DistillationSchedule":
+        """The schedule set by ``EfficientSamTrainingArguments`` for a run of the given length."""
+        return cls(
+            total_steps=total_steps, steps_per_epoch=steps_per_epoch, distill_warmup_epochs=args.distill_warmup_epochs,
+            max_temperature=args.max_temperature, min_temperature=args.min_temperature, alpha_start=args.alpha_start,
+            alpha_end=args.alpha_end, beta_start=args.beta_start, beta_end=args.beta_end, decay=args.distill_decay,
+        )
 
     @property
     def warmup_steps(self) -> int:

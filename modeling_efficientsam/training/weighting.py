@@ -2,8 +2,13 @@
 
 All three are ``nn.Module`` s with one interface, so the trainer handles them alike:
 
-- ``forward(losses) -> total``: combine a dict of (unweighted) scalar losses with the current weights.
-  Only the configured names are used; a missing name is an error, extra keys are ignored.
+- ``forward(losses, scales=None, regularizer_scale=1.0) -> total``: combine a dict of (unweighted)
+  scalar losses with the current weights, ``sum_i scale_i * w_i * L_i`` (plus the uncertainty
+  regularizer). Only the configured names are used; a missing name is an error, extra keys are
+  ignored. ``scales`` gives one extra factor per loss (the trainer's alpha for ground-truth terms and
+  beta for distillation terms); ``regularizer_scale`` scales the regularizer (the trainer's share of
+  the optimizer step held by one micro-batch, so that it counts once per step). This is the one
+  place where the training loss is combined.
 - ``update(losses)``: call once per optimizer step with that step's loss values (detached floats or
   tensors). DWA learns from it; the others ignore it.
 - ``weights``: the weights currently multiplying each loss, as ``{name: float}``, for logging.
@@ -23,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "LOSS_WEIGHTING_STRATEGIES",
+    "check_dwa_settings",
     "FixedLossWeighting",
     "DynamicWeightAverage",
     "UncertaintyWeighting",
@@ -32,6 +38,20 @@ __all__ = [
 LOSS_WEIGHTING_STRATEGIES = ("fixed", "dwa", "uncertainty")
 
 LossValue = Union[float, torch.Tensor]
+
+
+def check_dwa_settings(*, temperature: float, smoothing_factor: float, update_freq: int) -> None:
+    """Range checks of the Dynamic Weight Average settings (also applied to the training arguments).
+
+    Messages name the training arguments (``dwa_temperature``, ``smoothing_factor``,
+    ``adaptive_update_freq``) that set these values.
+    """
+    if temperature <= 0:
+        raise ValueError(f"the DWA temperature (dwa_temperature) must be > 0, got {temperature}")
+    if not 0.0 <= smoothing_factor < 1.0:
+        raise ValueError(f"the DWA smoothing_factor must be in [0, 1), got {smoothing_factor}")
+    if update_freq < 1:
+        raise ValueError(f"the DWA update interval (adaptive_update_freq) must be >= 1, got {update_freq}")
 
 
 class _LossWeighting(nn.Module):
@@ -61,9 +81,27 @@ class _LossWeighting(nn.Module):
     def weights(self) -> Dict[str, float]:
         return {n: float(w) for n, w in zip(self.names, self.current_weights().detach().cpu())}
 
-    def forward(self, losses: Mapping[str, LossValue]) -> torch.Tensor:
+    def regularizer(self) -> Optional[torch.Tensor]:
+        """A term added to the weighted sum (None: nothing is added)."""
+        return None
+
+    def forward(
+        self,
+        losses: Mapping[str, LossValue],
+        *,
+        scales: Optional[Mapping[str, LossValue]] = None,
+        regularizer_scale: LossValue = 1.0,
+    ) -> torch.Tensor:
+        """``sum_i scales_i * w_i * L_i + regularizer_scale * regularizer`` over the configured names."""
         values = self._stack(losses)
-        return (self.current_weights().to(values) * values).sum()
+        coefficients = self.current_weights().to(values)
+        if scales is not None:
+            coefficients = self._stack(scales).to(values) * coefficients
+        total = (coefficients * values).sum()
+        regularizer = self.regularizer()
+        if regularizer is not None:
+            total = total + regularizer.to(values) * regularizer_scale
+        return total
 
     def update(self, losses: Mapping[str, LossValue]) -> None:
         """Observe one optimizer step's loss values (no-op unless overridden)."""
@@ -100,12 +138,7 @@ class DynamicWeightAverage(_LossWeighting):
         eps: float = 1e-12,
     ):
         super().__init__(weights)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= smoothing_factor < 1.0:
-            raise ValueError(f"smoothing_factor must be in [0, 1), got {smoothing_factor}")
-        if update_freq < 1:
-            raise ValueError(f"update_freq must be >= 1, got {update_freq}")
+        check_dwa_settings(temperature=temperature, smoothing_factor=smoothing_factor, update_freq=update_freq)
         self.temperature = float(temperature)
         self.smoothing_factor = float(smoothing_factor)
         self.update_freq = int(update_freq)
@@ -161,11 +194,8 @@ class UncertaintyWeighting(_LossWeighting):
     def current_weights(self) -> torch.Tensor:
         return torch.exp(-self.log_variances).to(self.base_weights) * self.base_weights
 
-    def forward(self, losses: Mapping[str, LossValue]) -> torch.Tensor:
-        values = self._stack(losses)
-        s = self.log_variances.to(values.device)
-        base = self.base_weights.to(values)
-        return (torch.exp(-s) * base * values + s).sum()
+    def regularizer(self) -> torch.Tensor:
+        return self.log_variances.sum()
 
 
 def build_loss_weighting(

@@ -54,9 +54,9 @@ def _locate(dataset, model, dtype, compute_dtype, image_processor, cache_root):
             raise ValueError("this DatasetDict was not loaded from a saved folder; pass cache_root=")
         cache_root = os.path.join(directory, "embeddings")
     if isinstance(model, (str, os.PathLike)):
-        from ...modeling_efficientsam import EfficientSamModel
+        from ...inference.loading import load_efficientsam_model
 
-        model, model_name = EfficientSamModel.from_pretrained(os.fspath(model)), os.fspath(model)
+        model, model_name = load_efficientsam_model(model), os.fspath(model)
     else:
         model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     fingerprint = cache_fingerprint(model, dtype, compute_dtype, image_processor)

@@ -1,0 +1,113 @@
+"""The datasets of a training run, from ``DataArguments``.
+
+* :func:`prepare_dataset`: the prepared ``datasets`` folder, or the recipe's COCO files converted
+  once (and reused while they are unchanged), main process first.
+* :func:`build_datasets`: the training dataset (random objects and jittered prompts per epoch) and
+  the evaluation dataset (every object, box prompts without jitter), reading cached image embeddings
+  (student's and teacher's, see :func:`build_embedding_readers`) when asked.
+* :func:`category_names` and :func:`dataset_summary`: the label names and the summary the model card
+  shows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+__all__ = ["build_datasets", "build_embedding_readers", "category_names", "dataset_summary", "prepare_dataset"]
+
+
+def prepare_dataset(data_args, training_args) -> Tuple[object, str]:
+    """(DatasetDict, its folder): the prepared folder, or the COCO files converted (and reused while unchanged)."""
+    import datasets
+
+    from ..data import load_or_prepare
+
+    if data_args.dataset_path is not None:
+        return datasets.load_from_disk(data_args.dataset_path), data_args.dataset_path
+    splits = {data_args.train_split: (data_args.train_annotations, data_args.train_images)}
+    if data_args.validation_annotations is not None:
+        splits[data_args.validation_split] = (data_args.validation_annotations, data_args.validation_images)
+    folder = data_args.prepared_dataset_dir or os.path.join(training_args.output_dir, "prepared_dataset")
+    with training_args.main_process_first(desc="preparing the dataset"):
+        dataset = load_or_prepare(splits, folder, strict=data_args.strict_data,
+                                  box_mask_iou_threshold=data_args.box_mask_iou_threshold)
+    return dataset, folder
+
+
+def category_names(split) -> List[str]:
+    """The category names of a prepared split, in the order of its category indices."""
+    objects = split.features["objects"]
+    inner = getattr(objects, "feature", objects)
+    if isinstance(inner, (list, tuple)):
+        inner = inner[0]
+    return list(inner["category"].names)
+
+
+def build_embedding_readers(dataset_folder, splits, student, teacher, data_args, training_args) -> Dict[str, object]:
+    """{split: reader} over the student's (and teacher's) cached embeddings, built once (main process first)."""
+    from ..data.embedding_cache import EmbeddingCacheReader, build_embedding_cache, open_embedding_cache
+
+    caches = []
+    for model in [student] + ([teacher] if teacher is not None else []):
+        with training_args.main_process_first(desc="caching image embeddings"):
+            kwargs = dict(dtype=data_args.embedding_cache_dtype, splits=splits, cache_root=data_args.embedding_cache_dir)
+            if training_args.local_process_index == 0:  # computes (or reuses) the cache; the others then open it
+                cache = build_embedding_cache(dataset_folder, model, device=training_args.device, **kwargs)
+            else:
+                cache = open_embedding_cache(dataset_folder, model, **kwargs)
+        caches.append(cache)
+    return {split: EmbeddingCacheReader(caches, split) for split in splits}
+
+
+def build_datasets(dataset, dataset_folder, data_args, training_args, student, teacher=None, use_cache=False):
+    """(train_dataset, eval_dataset or None, readers or None) for EfficientSamTrainer."""
+    from ..data import EfficientSamTrainingDataset
+
+    config = student.config
+    if data_args.image_size is not None and data_args.image_size != config.image_size:
+        raise ValueError(f"image_size / target_size {data_args.image_size} differs from the model's input size "
+                         f"{config.image_size}; the architecture (config.json) decides it")
+    if data_args.train_split not in dataset:
+        raise ValueError(f"the dataset has no split {data_args.train_split!r} (has {list(dataset)})")
+    has_validation = data_args.validation_split in dataset
+    splits = [data_args.train_split] + ([data_args.validation_split] if has_validation else [])
+    readers = build_embedding_readers(dataset_folder, splits, student, teacher, data_args, training_args) if use_cache else {}
+
+    train_split = dataset[data_args.train_split]
+    if data_args.max_train_samples is not None:
+        train_split = train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+    common = dict(image_size=config.image_size, mask_size=config.low_res_mask_size, seed=training_args.data_seed or training_args.seed)
+    train_dataset = EfficientSamTrainingDataset(
+        train_split, max_objects=data_args.max_objects, box_noise_scale=data_args.box_noise_scale,
+        prompt_mode=data_args.prompt_mode, num_positive_points=data_args.num_positive_points,
+        num_negative_points=data_args.num_negative_points, point_probability=data_args.point_probability,
+        embedding_reader=readers.get(data_args.train_split), **common,
+    )
+    eval_dataset = None
+    if has_validation:
+        eval_split = dataset[data_args.validation_split]
+        if data_args.max_eval_samples is not None:
+            eval_split = eval_split.select(range(min(data_args.max_eval_samples, len(eval_split))))
+        # Evaluation is deterministic: box prompts without jitter, every object (or the first eval_max_objects).
+        eval_dataset = EfficientSamTrainingDataset(
+            eval_split, max_objects=data_args.eval_max_objects, box_noise_scale=0.0, prompt_mode="box",
+            embedding_reader=readers.get(data_args.validation_split), **common,
+        )
+    return train_dataset, eval_dataset, readers
+
+
+def dataset_summary(dataset, data_args) -> dict:
+    """Name, per-split image and object counts, and categories of the run's data (for the model card)."""
+    splits = {}
+    for name, split in dataset.items():
+        splits[name] = {"images": len(split), "instances": int(sum(len(o) for o in split["objects"]))}
+    if data_args.dataset_path is not None:
+        root = os.path.abspath(data_args.dataset_path)
+    else:  # the folder holding the splits, e.g. data/pcb for data/pcb/{train,valid}/...
+        files = [data_args.train_annotations] + ([data_args.validation_annotations] if data_args.validation_annotations else [])
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        if len(files) == 1:
+            root = os.path.dirname(root)
+    return {"name": os.path.basename(root) or "custom",
+            "splits": splits, "categories": category_names(dataset[data_args.train_split])}
