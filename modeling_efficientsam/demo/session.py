@@ -211,15 +211,24 @@ class DemoSession:
             predictor.set_image(array)
         self.encode_calls += 1
         self.image = array
-        self.clear_prompts()
         self._decoded = {name: {} for name in self.predictors}
         self._full_masks = {}
+        self.clear_prompts()
         return self
 
     # -- objects --------------------------------------------------------------------------------
     def clear_prompts(self) -> None:
         self.prompts = []
         self.pending_corner = None
+        self._forget_unused()
+
+    def _forget_unused(self) -> None:
+        """Drop the decoded results of objects that are gone, so memory follows the current objects."""
+        current = set(self.prompts)
+        for results in self._decoded.values():
+            for prompt in [prompt for prompt in results if prompt not in current]:
+                del results[prompt]
+        self._full_masks = {key: mask for key, mask in self._full_masks.items() if key[1] in current}
 
     def _check_prompt(self, prompt: DemoPrompt) -> DemoPrompt:
         height, width = self.image_size
@@ -243,6 +252,7 @@ class DemoSession:
         """Replace the objects (already decoded ones are kept, not decoded again)."""
         self._require_image()
         self.prompts = [self._check_prompt(prompt) for prompt in prompts]
+        self._forget_unused()
 
     def set_prompts_text(self, text: str) -> None:
         self.set_prompts(parse_prompts(text))

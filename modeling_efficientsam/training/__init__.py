@@ -53,8 +53,8 @@ from .argument_parsing import load_recipe, parse_efficientsam_args  # noqa: E402
 from .arguments import DataArguments, EfficientSamTrainingArguments, ModelArguments  # noqa: E402
 from .callbacks import DatasetEpochCallback, TensorBoardOverlayCallback, render_overlay  # noqa: E402
 from .config_mapping import map_original_config  # noqa: E402
-from .model_card import build_model_card, non_default_arguments, write_model_card  # noqa: E402
 from .decoder_checkpoint import load_decoder_on_base, save_decoder_only  # noqa: E402
+from .model_card import build_model_card, non_default_arguments, write_model_card  # noqa: E402
 from .trainer import EfficientSamTrainer  # noqa: E402
 
 __all__ += [
