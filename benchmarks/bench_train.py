@@ -45,7 +45,7 @@ def run_configuration(config: dict) -> dict:
 
     from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
     from modeling_efficientsam.data import EfficientSamCollator, EfficientSamTrainingDataset
-    from modeling_efficientsam.data.embedding_cache import build_embedding_cache, embedding_reader
+    from modeling_efficientsam.data.embedding_cache import EmbeddingCacheReader, build_embedding_cache
     from modeling_efficientsam.training import EfficientSamTrainer, EfficientSamTrainingArguments
 
     import datasets
@@ -66,7 +66,7 @@ def run_configuration(config: dict) -> dict:
         caches = [build_embedding_cache(config["dataset"], model, dtype="bfloat16", splits=["train"], batch_size=1,
                                         cache_root=config["cache_root"]) for model in [student] + ([teacher] if teacher else [])]
         config["cache_seconds"] = round(time.perf_counter() - started, 2)
-        reader = embedding_reader(caches, "train")
+        reader = EmbeddingCacheReader(caches, "train")
     train = EfficientSamTrainingDataset(dataset["train"], image_size=1024, mask_size=256, max_objects=config["max_objects"],
                                         box_noise_scale=0.1, embedding_reader=reader)
 

@@ -342,7 +342,8 @@ def test_model_card_text():
                             metrics_before=before, metrics_after=after, decoder_only=True)
     assert text.startswith("---\nlibrary_name: transformers")
     assert "| mIoU (instance mean) | 0.1234 | 0.7654 |" in text and "| IoU: pad | 0.0500 | 0.5500 |" in text
-    assert 'EfficientSamModel.from_pretrained("me/pcb-sam")' in text and "post_process_masks" in text
+    assert 'repo_id = "me/pcb-sam"' in text and "post_process_masks" in text and "trust_remote_code=True" in text
+    assert "import modeling_efficientsam" not in text and "from modeling_efficientsam import" not in text
     assert "learning_rate: 0.0001" in text and "org/efficientsam-vits" in text and "load_decoder_on_base" in text
     assert "base_model: org/efficientsam-vitt" in text and "train`: 3 images, 9 objects" in text
 

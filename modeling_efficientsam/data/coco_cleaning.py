@@ -9,7 +9,10 @@ accounts for each of them. With ``strict=True`` each of them is a ``CocoValidati
 
 Masks are computed exactly as ``pycocotools.coco.COCO.annToRLE`` does (polygons rasterised at the
 JSON image size and merged; uncompressed RLE compressed; compressed RLE kept), so a decoded mask
-equals ``COCO.annToMask`` bit for bit. Box checks use ``pycocotools.mask.toBbox`` and ``area`` on
+equals ``COCO.annToMask`` bit for bit. Two guards come first, because pycocotools trusts its input:
+every RLE is checked to encode exactly height x width pixels (:func:`~.masks.rle_problem`), and a
+polygon part reaching more than :data:`POLYGON_MARGIN` image sides outside the image is clipped to
+that margin (a 1e12 coordinate would crash the rasteriser; see :func:`polygon_parts`). Box checks use ``pycocotools.mask.toBbox`` and ``area`` on
 the RLE, so no dense mask is built during conversion.
 """
 

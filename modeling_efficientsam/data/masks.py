@@ -64,7 +64,8 @@ def rle_problem(rle: dict, height: int, width: int):
     exactly ``height * width`` pixels.
     """
     size = rle.get("size")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, np.integer)) for v in size)):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, (int, float, np.integer)) and not isinstance(v, bool) and float(v).is_integer() for v in size)):
         return f'RLE "size" must be [height, width], found {size!r}'
     if [int(size[0]), int(size[1])] != [height, width]:
         return f"RLE size {list(size)} differs from the image size [height, width] = [{height}, {width}]"

@@ -12,7 +12,15 @@ Importing this package does not import gradio.
 """
 
 from .session import DemoPrompt, DemoSession, MaskSelection, format_prompts, parse_candidate, parse_prompts
-from .space import write_space_app
+
+
+def __getattr__(name):
+    # imported on first use, so that `python -m modeling_efficientsam.demo.space` runs the module only once
+    if name == "write_space_app":
+        from .space import write_space_app
+
+        return write_space_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DemoPrompt", "DemoSession", "MaskSelection", "format_prompts", "parse_candidate", "parse_prompts",

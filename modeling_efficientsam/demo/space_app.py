@@ -87,7 +87,7 @@ def encode(model, settings, image):
     """Run the image encoder once: -> (embedding (1, C, h, w), (H, W))."""
     array = to_rgb(image)
     device = next(model.parameters()).device
-    pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=torch.float32) / 255.0
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].to(device=device, dtype=torch.float32) / 255.0
     size = settings["size"]
     pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
@@ -204,7 +204,7 @@ def build_app(model, settings, title=TITLE):
                 image = gr.Image(label="Image", type="numpy", elem_id="input-image")
                 boxes = gr.Textbox(label="Boxes, one per line: x0,y0,x1,y1", lines=3, elem_id="prompts")
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
-                status = gr.Markdown()
+                status = gr.Markdown(elem_id="status")
             with gr.Column():
                 choice = gr.Radio([("best (highest predicted IoU)", "best")]
                                   + [(str(k), str(k)) for k in range(1, candidates + 1)],

@@ -12,13 +12,17 @@ Usage (console script ``efficientsam-predict``, or ``python -m modeling_efficien
 
 Inputs:
     --boxes: a COCO annotations file (object with ``images`` and ``annotations``; crowd annotations
-        are skipped) or a COCO detection results file (list of ``{image_id, category_id, bbox (xywh),
+        are skipped; an annotation without ``bbox`` is prompted with the tight box of its
+        segmentation, as the dataset conversion does, counted as ``box_from_segmentation``, and one
+        without either is listed under ``no_box``) or a COCO detection results file (list of ``{image_id, category_id, bbox (xywh),
         score}``). Detection results name images by id only, so ``--image_info`` (any COCO file with
         an ``images`` list) is required with them; ``--score_threshold`` keeps detections with
         ``score >= S``.
-    --images: folders and/or files. In a folder, ``file_name`` is looked up as a relative path. If
-        only files are given, only the records of those files are processed (others are counted
-        as ``not_in_images``, not reported missing).
+    --images: folders and/or files. In a folder, ``file_name`` is looked up as a relative path (one
+        leading out of the folder, with ``..`` or as an absolute path elsewhere, is an error naming the
+        record). Listed files are matched by base name. If only files are given, only the records of
+        those files are processed (others are counted as ``not_in_images``, not reported missing).
+        Two image records naming one file are an error naming both ids.
 
 Outputs (each written under a temporary name, then renamed; see ``modeling_efficientsam/file_utils.py``):
     OUT/segmentation_results.json: a COCO results list that ``COCO.loadRes`` accepts, one record per
@@ -27,7 +31,10 @@ Outputs (each written under a temporary name, then renamed; see ``modeling_effic
         ``prompt_bbox`` (the input box) and, for detections, ``detection_score``.
     OUT/summary.json: counts, timing and every problem: images that are missing or unusable
         (unreadable, or a size that matches neither the JSON nor its EXIF rotation), boxes for
-        unknown image ids, invalid boxes. Problems never stop the run; they are listed and skipped.
+        unknown image ids, invalid boxes, annotations without any box. Problems with single records
+        never stop the run; they are listed (by annotation id) and skipped. A file that cannot be
+        used at all, or a model that cannot be loaded, ends the run with one ``error: ...`` line
+        naming the file and the fix (exit status 2).
     OUT/overlays/<file_name>.png with ``--overlays``.
 """
 

@@ -42,7 +42,7 @@ class DatasetEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         dataset = self.trainer.train_dataset
-        per_epoch = getattr(self.trainer, "_steps_per_epoch", None)
+        per_epoch = getattr(self.trainer, "steps_per_epoch", None)
         if dataset is None or not hasattr(dataset, "set_epoch") or not per_epoch:
             return
         dataset.set_epoch(int(state.global_step // per_epoch))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Tuple
 
+from ..data import category_names  # noqa: F401  (re-exported for train.py)
+
 __all__ = ["build_datasets", "build_embedding_readers", "category_names", "dataset_summary", "prepare_dataset"]
 
 
@@ -33,15 +35,6 @@ def prepare_dataset(data_args, training_args) -> Tuple[object, str]:
         dataset = load_or_prepare(splits, folder, strict=data_args.strict_data,
                                   box_mask_iou_threshold=data_args.box_mask_iou_threshold)
     return dataset, folder
-
-
-def category_names(split) -> List[str]:
-    """The category names of a prepared split, in the order of its category indices."""
-    objects = split.features["objects"]
-    inner = getattr(objects, "feature", objects)
-    if isinstance(inner, (list, tuple)):
-        inner = inner[0]
-    return list(inner["category"].names)
 
 
 def build_embedding_readers(dataset_folder, splits, student, teacher, data_args, training_args) -> Dict[str, object]:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from typing import Optional
+from ..file_utils import write_json_atomic
 
 __all__ = ["DECODER_INFO_FILE", "DECODER_WEIGHTS_FILE", "load_decoder_on_base", "save_decoder_only"]
 
@@ -46,8 +47,7 @@ def save_decoder_only(model, directory: str, base_model: Optional[str] = None) -
         "vision_encoder_sha256": vision_encoder_fingerprint(model),
         "config": model.config.to_dict(),
     }
-    with open(os.path.join(directory, DECODER_INFO_FILE), "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2, sort_keys=True, default=str)
+    write_json_atomic(os.path.join(directory, DECODER_INFO_FILE), info, indent=2, sort_keys=True, default=str)
     return directory
 
 

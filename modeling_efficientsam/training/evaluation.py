@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..metrics import STATISTIC_NAMES, batch_segmentation_statistics, load_segmentation_metric
+from ..file_utils import write_json_atomic
 
 __all__ = [
     "INITIAL_METRICS_FILE",
@@ -87,9 +88,7 @@ def save_initial_metrics(output_dir: str, metrics: Mapping[str, float]) -> str:
     """Write the metrics of the evaluation before training to ``output_dir``; returns the path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, INITIAL_METRICS_FILE)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(dict(metrics), handle, indent=2, sort_keys=True)
-    return path
+    return write_json_atomic(path, dict(metrics), indent=2, sort_keys=True)
 
 
 def load_initial_metrics(output_dir: str) -> Optional[Dict[str, float]]:

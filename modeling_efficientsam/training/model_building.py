@@ -99,12 +99,9 @@ def build_teacher(model_args, training_args):
 def build_processor(model_args, model):
     """The student's saved processor when its folder has one, else the default processor for its input size."""
     from ..image_processing_efficientsam import EfficientSamImageProcessor
-    from ..processing_efficientsam import EfficientSamProcessor
+    from ..processing_efficientsam import EfficientSamProcessor, load_processor
 
     source = model_args.model_name_or_path
     if source is not None and os.path.isdir(source):
-        try:
-            return EfficientSamProcessor.from_pretrained(source)
-        except (OSError, ValueError):
-            logger.info("%s has no processor config; using the default one for size %d", source, model.config.image_size)
+        return load_processor(source, image_size=model.config.image_size)
     return EfficientSamProcessor(EfficientSamImageProcessor(size=model.config.image_size))

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from .evaluation import final_metrics, load_initial_metrics
+from ..file_utils import write_bytes_atomic
+from ..hub_usage import usage_snippet
 
 __all__ = ["build_model_card", "card_context", "non_default_arguments", "write_model_card"]
 
@@ -149,24 +151,11 @@ def build_model_card(
 
     parts += [
         "## Usage", "",
-        "```python",
-        "import torch",
-        "from PIL import Image",
-        "from modeling_efficientsam import EfficientSamModel, EfficientSamProcessor",
-        "# without the package installed: transformers.AutoModel.from_pretrained(..., trust_remote_code=True)",
-        "",
-        f'model = EfficientSamModel.from_pretrained("{repo}").eval()',
-        f'processor = EfficientSamProcessor.from_pretrained("{repo}")',
-        "",
-        'image = Image.open("board.png").convert("RGB")',
-        "boxes = [[[40, 30, 120, 90]]]  # per image, per object: x1, y1, x2, y2 in pixels",
-        'inputs = processor(images=image, input_boxes=boxes, return_tensors="pt")',
-        "with torch.no_grad():",
-        '    outputs = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"])',
-        "best = outputs.iou_scores.argmax(-1)  # (images, objects): candidate with the highest predicted IoU",
-        'masks = processor.image_processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])',
-        "mask = masks[0][0, best[0, 0]]  # (H, W) bool mask of the first object",
-        "```", "",
+        "Needs only transformers, torch and Pillow: the model code is stored with the weights "
+        "(`trust_remote_code=True`).", "",
+        "```python", usage_snippet(repo).rstrip("\n"), "```", "",
+        "Automatic mask generation prompts single points on a grid; the metrics above are box-prompted, "
+        "so they say nothing about the quality of automatic masks.", "",
     ]
     if decoder_only:
         parts += [
@@ -231,6 +220,4 @@ def write_model_card(trainer, model_name: Optional[str] = None, tags=None, licen
     )
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))

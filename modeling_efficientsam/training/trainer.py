@@ -159,11 +159,6 @@ class EfficientSamTrainer(Trainer):
                                                                        steps_per_epoch=self.steps_per_epoch)
         return values
 
-    @property
-    def _steps_per_epoch(self) -> Optional[int]:
-        # The name callbacks.DatasetEpochCallback reads.
-        return self.steps_per_epoch
-
     def schedule_state(self, step: Optional[int] = None) -> Dict[str, float]:
         """``temperature``, ``alpha``, ``beta`` at ``step`` (default: the current optimizer step)."""
         if self.distillation_schedule is None:
