@@ -1,38 +1,32 @@
 """Configuration of EfficientSAM: an image encoder, a prompt encoder and a mask decoder.
 
 The architecture lives here (and in each saved ``config.json``), never in recipes or code constants.
-``EfficientSamConfig.from_variant("vitt" | "vits")`` gives the two released sizes;
-``EfficientSamConfig.from_original_config`` reads the constructor numbers of the original
-implementation (the format of the reference fixtures' ``*_config.json``).
+``EfficientSamConfig.from_variant("vitt" | "vits")`` gives the two released sizes. The original
+implementation's constructor numbers are read by the converter (``convert_efficientsam_to_hf``).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Union
 
 from transformers import PretrainedConfig
 
-# Constructor numbers of the released checkpoints, as the original implementation names them.
-ORIGINAL_VARIANTS: dict[str, dict[str, Any]] = {
-    "vitt": {"patch_embed_dim": 192, "num_heads": 3},
-    "vits": {"patch_embed_dim": 384, "num_heads": 6},
+# The released architectures differ only in the width and heads of the image encoder; everything
+# else is the default of the sub-configs below. (The converter maps the original implementation's
+# constructor names onto these.)
+VARIANT_ENCODERS: dict[str, dict[str, int]] = {
+    "vitt": {"hidden_size": 192, "num_attention_heads": 3},
+    "vits": {"hidden_size": 384, "num_attention_heads": 6},
 }
-ORIGINAL_COMMON: dict[str, Any] = {
-    "img_size": 1024,
-    "patch_size": 16,
-    "depth": 12,
-    "mlp_ratio": 4.0,
-    "neck_dims": [256, 256],
-    "decoder_max_num_input_points": 6,
-    "decoder_depth": 2,
-    "decoder_num_heads": 8,
-    "decoder_mlp_dim": 2048,
-    "iou_head_depth": 3,
-    "iou_head_hidden_dim": 256,
-    "upscaling_layer_dims": [64, 32],
-    "pretrain_img_size": 224,
-}
+VARIANTS = tuple(VARIANT_ENCODERS)
+
+
+def normalize_variant(name: str) -> str:
+    """``"ViT-T"`` / ``"vit_t"`` / ``"vitt"`` -> ``"vitt"`` (and the same for ViT-S); other names are errors."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in VARIANT_ENCODERS:
+        raise ValueError(f"unknown EfficientSAM variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return key
 
 
 class EfficientSamVisionConfig(PretrainedConfig):
@@ -271,54 +265,9 @@ class EfficientSamConfig(PretrainedConfig):
         return self.image_embedding_size * 4
 
     @classmethod
-    def from_original_config(cls, original: dict[str, Any], **kwargs) -> "EfficientSamConfig":
-        """Build a config from the original implementation's constructor numbers.
-
-        Accepts exactly the keys of the reference fixtures' ``*_config.json`` (``img_size``,
-        ``patch_size``, ``patch_embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``neck_dims``,
-        ``decoder_max_num_input_points``, ``decoder_depth``, ``decoder_num_heads``, ``decoder_mlp_dim``,
-        ``iou_head_depth``, ``iou_head_hidden_dim``, ``upscaling_layer_dims``, ``pretrain_img_size``);
-        any other key is an error, since silently ignoring an architecture number gives a wrong model.
-        """
-        known = set(ORIGINAL_COMMON) | {"patch_embed_dim", "num_heads"}
-        unknown = sorted(set(original) - known)
-        if unknown:
-            raise ValueError(f"unknown original config keys {unknown}; expected a subset of {sorted(known)}")
-        values = copy.deepcopy(ORIGINAL_COMMON)
-        values.update(ORIGINAL_VARIANTS["vitt"])
-        values.update(original)
-        neck = list(values["neck_dims"])
-        return cls(
-            vision_config={
-                "image_size": values["img_size"],
-                "patch_size": values["patch_size"],
-                "hidden_size": values["patch_embed_dim"],
-                "num_hidden_layers": values["depth"],
-                "num_attention_heads": values["num_heads"],
-                "mlp_ratio": values["mlp_ratio"],
-                "pretrain_image_size": values["pretrain_img_size"],
-                "neck_hidden_sizes": neck,
-            },
-            prompt_encoder_config={"max_num_points": values["decoder_max_num_input_points"]},
-            mask_decoder_config={
-                "hidden_size": neck[-1],
-                "num_hidden_layers": values["decoder_depth"],
-                "num_attention_heads": values["decoder_num_heads"],
-                "mlp_dim": values["decoder_mlp_dim"],
-                "iou_head_depth": values["iou_head_depth"],
-                "iou_head_hidden_dim": values["iou_head_hidden_dim"],
-                "upscaling_dims": list(values["upscaling_layer_dims"]),
-            },
-            **kwargs,
-        )
-
-    @classmethod
     def from_variant(cls, variant: str = "vitt", **kwargs) -> "EfficientSamConfig":
         """The released architectures: ``"vitt"`` (EfficientSAM-Ti) or ``"vits"`` (EfficientSAM-S)."""
-        key = variant.lower().replace("-", "").replace("_", "")
-        if key not in ORIGINAL_VARIANTS:
-            raise ValueError(f"unknown EfficientSAM variant {variant!r}; choose one of {sorted(ORIGINAL_VARIANTS)}")
-        return cls.from_original_config(ORIGINAL_VARIANTS[key], **kwargs)
+        return cls(vision_config=dict(VARIANT_ENCODERS[normalize_variant(variant)]), **kwargs)
 
 
 __all__ = [

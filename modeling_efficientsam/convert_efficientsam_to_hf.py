@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .file_utils import atomic_write, staged_directory
-from .configuration_efficientsam import ORIGINAL_VARIANTS, EfficientSamConfig
+from .configuration_efficientsam import VARIANTS, EfficientSamConfig
 from .image_processing_efficientsam import EfficientSamImageProcessor
 from .modeling_efficientsam import EfficientSamModel
 from .parity import compare_with_reference, format_report, reference_failures
@@ -148,6 +148,51 @@ def load_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# The original implementation's constructor numbers (the format of the reference fixtures'
+# ``*_config.json``): the released checkpoints share these and differ in width and heads.
+ORIGINAL_COMMON: dict = {
+    "img_size": 1024, "patch_size": 16, "depth": 12, "mlp_ratio": 4.0, "neck_dims": [256, 256],
+    "decoder_max_num_input_points": 6, "decoder_depth": 2, "decoder_num_heads": 8, "decoder_mlp_dim": 2048,
+    "iou_head_depth": 3, "iou_head_hidden_dim": 256, "upscaling_layer_dims": [64, 32], "pretrain_img_size": 224,
+}
+ORIGINAL_VARIANTS: dict = {
+    "vitt": {"patch_embed_dim": 192, "num_heads": 3},
+    "vits": {"patch_embed_dim": 384, "num_heads": 6},
+}
+assert set(ORIGINAL_VARIANTS) == set(VARIANTS)
+
+
+def config_from_original(original: dict, **kwargs) -> EfficientSamConfig:
+    """An ``EfficientSamConfig`` from the original implementation's constructor numbers.
+
+    Accepts exactly the keys of ``ORIGINAL_COMMON`` plus ``patch_embed_dim`` and ``num_heads`` (missing
+    ones take the ViT-T values); any other key is an error, since silently ignoring an architecture
+    number gives a wrong model.
+    """
+    known = set(ORIGINAL_COMMON) | {"patch_embed_dim", "num_heads"}
+    unknown = sorted(set(original) - known)
+    if unknown:
+        raise ValueError(f"unknown original config keys {unknown}; expected a subset of {sorted(known)}")
+    values = {**ORIGINAL_COMMON, **ORIGINAL_VARIANTS["vitt"], **original}
+    neck = list(values["neck_dims"])
+    return EfficientSamConfig(
+        vision_config={
+            "image_size": values["img_size"], "patch_size": values["patch_size"],
+            "hidden_size": values["patch_embed_dim"], "num_hidden_layers": values["depth"],
+            "num_attention_heads": values["num_heads"], "mlp_ratio": values["mlp_ratio"],
+            "pretrain_image_size": values["pretrain_img_size"], "neck_hidden_sizes": neck,
+        },
+        prompt_encoder_config={"max_num_points": values["decoder_max_num_input_points"]},
+        mask_decoder_config={
+            "hidden_size": neck[-1], "num_hidden_layers": values["decoder_depth"],
+            "num_attention_heads": values["decoder_num_heads"], "mlp_dim": values["decoder_mlp_dim"],
+            "iou_head_depth": values["iou_head_depth"], "iou_head_hidden_dim": values["iou_head_hidden_dim"],
+            "upscaling_dims": list(values["upscaling_layer_dims"]),
+        },
+        **kwargs,
+    )
+
+
 def infer_variant(state_dict: dict[str, torch.Tensor]) -> str:
     """'vitt' or 'vits' from the encoder width and depth; errors for any other architecture."""
     width = state_dict["image_encoder.patch_embed.proj.weight"].shape[0]
@@ -194,7 +239,7 @@ def convert(
 
     if original_config is not None:
         with open(original_config) as handle:
-            config = EfficientSamConfig.from_original_config(json.load(handle))
+            config = config_from_original(json.load(handle))
         source = f"--original_config {original_config}"
     else:
         inferred = infer_variant(original)

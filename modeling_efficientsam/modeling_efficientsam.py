@@ -325,7 +325,13 @@ class EfficientSamMlp(nn.Module):
 
 
 class EfficientSamDecoderAttention(nn.Module):
-    """Multi-head attention with separate q/k/v projections to an internal width."""
+    """Multi-head attention with separate q/k/v projections to an internal width.
+
+    Attention between the few tokens of a query and the h * w image positions also has two folded
+    forms, used by the mask decoder (see `EfficientSamTwoWayLayer`): `tokens_attend_to_image` and
+    `image_attends_to_tokens`. They compute the same function as `forward` with the projections
+    applied on the token side, so no image-sized projection, head split or head merge is made.
+    """
 
     def __init__(self, config: EfficientSamMaskDecoderConfig, downsample_rate: int = 1):
         super().__init__()
@@ -358,6 +364,88 @@ class EfficientSamDecoderAttention(nn.Module):
             return_weights,
         )
 
+    def _head_weights(self, projection: nn.Linear) -> tuple:
+        """A projection's weight as (heads, head_dim, in) and bias as (heads, head_dim)."""
+        heads = self.num_heads
+        weight, bias = projection.weight, projection.bias
+        return weight.reshape(heads, -1, weight.shape[-1]), bias.reshape(heads, -1)
+
+    def tokens_attend_to_image(self, query_tokens, image_keys, image):
+        """Per-query tokens attend to a per-query image stream: `forward(query_tokens, image_keys, image)`.
+
+        query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C). Returns the output (B, Q, T, C) and
+        the attention probabilities (B, Q, heads, T, HW).
+
+        Folded: a head's scores q_h . (W_k,h x + b_k,h) are (q_h W_k,h) . x + q_h . b_k,h, so each head's
+        queries are mapped back to the C input channels (heads * T rows) and multiplied with the image
+        keys directly; since the probabilities of a row sum to one, the values' projection is applied
+        after the weighted sum: sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v. The image-sized
+        key and value projections (and their copies into heads) are never formed.
+        """
+        batch, queries, num_tokens, width = query_tokens.shape
+        heads = self.num_heads
+        key_weight, key_bias = self._head_weights(self.k_proj)
+        value_weight, value_bias = self._head_weights(self.v_proj)
+        scale = key_weight.shape[1] ** -0.5
+        query = self.q_proj(query_tokens).reshape(batch, queries, num_tokens, heads, -1) * scale
+        folded = torch.einsum("bqthd,hdc->bqhtc", query, key_weight.to(query.dtype))
+        offset = torch.einsum("bqthd,hd->bqht", query, key_bias.to(query.dtype))
+        rows = heads * num_tokens
+        image_keys = image_keys.reshape(batch * queries, -1, width)
+        scores = torch.baddbmm(
+            offset.reshape(batch * queries, rows, 1).to(image_keys.dtype),
+            folded.reshape(batch * queries, rows, width).to(image_keys.dtype),
+            image_keys.transpose(1, 2),
+        )
+        probabilities = scores.softmax(dim=-1)
+        pooled = torch.bmm(probabilities.to(image.dtype), image.reshape(batch * queries, -1, width))
+        pooled = pooled.reshape(batch, queries, heads, num_tokens, width)
+        values = torch.einsum("bqhtc,hdc->bqthd", pooled, value_weight.to(pooled.dtype)) + value_bias.to(pooled.dtype)
+        output = self.out_proj(values.reshape(batch, queries, num_tokens, -1))
+        return output, probabilities.reshape(batch, queries, heads, num_tokens, -1)
+
+    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image):
+        """The image attends to each query's tokens, with the residual: `image + forward(image_keys, token_keys, tokens)`.
+
+        image_keys, image: (B, HW, C) shared by the Q queries of an image, or (B, Q, HW, C).
+        token_keys, tokens: (B, Q, T, C). Returns the new image stream (B, Q, HW, C), before the norm.
+
+        Folded: a head's scores (W_q,h x + b_q,h) . k_h are x . (W_q,h^T k_h) + b_q,h . k_h, so every
+        query's keys become (heads * T) vectors over the C input channels that multiply the image keys
+        in one matrix product per image; the output projection is folded into the values
+        (sum_t p_t v_t) W_o,h = sum_t p_t (v_t W_o,h), and the output bias into them too (each head's
+        probabilities sum to one). The image-sized query projection, head split and head merge are
+        never formed, and the softmax runs over the T tokens with the image positions innermost.
+        """
+        batch, queries, num_tokens, width = tokens.shape
+        heads = self.num_heads
+        query_weight, query_bias = self._head_weights(self.q_proj)
+        scale = query_weight.shape[1] ** -0.5
+        keys = self.k_proj(token_keys).reshape(batch, queries, num_tokens, heads, -1) * scale
+        values = self.v_proj(tokens).reshape(batch, queries, num_tokens, heads, -1)
+        folded = torch.einsum("bqthd,hdc->bqthc", keys, query_weight.to(keys.dtype))
+        offset = torch.einsum("bqthd,hd->bqth", keys, query_bias.to(keys.dtype))
+        out_weight = self.out_proj.weight.reshape(width, heads, -1).to(values.dtype)
+        projected = torch.einsum("bqthd,chd->bqthc", values, out_weight) + self.out_proj.bias.to(values.dtype) / heads
+        rows = num_tokens * heads
+        shared = image_keys.dim() == 3
+        groups = batch if shared else batch * queries
+        dtype = image_keys.dtype
+        scores = torch.baddbmm(
+            offset.reshape(groups, -1, 1).to(dtype),
+            folded.reshape(groups, -1, width).to(dtype),
+            image_keys.reshape(groups, -1, width).transpose(1, 2),
+        )  # (groups, [Q] * T * heads, HW)
+        probabilities = scores.reshape(batch * queries, num_tokens, -1).softmax(dim=1)
+        probabilities = probabilities.reshape(batch * queries, rows, -1).transpose(1, 2)
+        projected = projected.reshape(batch * queries, rows, width).to(probabilities.dtype)
+        if shared:
+            attended = torch.bmm(probabilities, projected).reshape(batch, queries, -1, width)
+            return image.unsqueeze(1) + attended
+        return torch.baddbmm(image.reshape(batch * queries, -1, width), probabilities, projected).reshape(
+            batch, queries, -1, width
+        )
+
 
 class EfficientSamTwoWayLayer(nn.Module):
     def __init__(self, config: EfficientSamMaskDecoderConfig, add_token_pe: bool):
@@ -378,7 +466,8 @@ class EfficientSamTwoWayLayer(nn.Module):
 
         tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
         still the same for every query of an image, as in the first layer) else (B, Q, HW, C).
-        image_pe: (1, HW, C).
+        image_pe: (1, HW, C). Returns tokens (B, Q, T, C), the image stream (B, Q, HW, C) and, with
+        `return_weights`, the token-to-image attention probabilities (B, Q, heads, T, HW).
         """
         batch, queries, num_tokens, width = tokens.shape
         if self.add_token_pe:
@@ -388,10 +477,10 @@ class EfficientSamTwoWayLayer(nn.Module):
 
         cross = self.cross_attn_token_to_image
         image_keys = image + image_pe
-        query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
         if shared_image:
             # Keys and values depend on the image only: project once per image and let every query of
             # the image attend in one call (rows of a softmax are independent, so this is exact).
+            query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
             key = cross.split_heads(cross.k_proj(image_keys))  # (B, H, HW, d)
             value = cross.split_heads(cross.v_proj(image))
             heads, head_dim = query.shape[2], query.shape[-1]
@@ -402,23 +491,13 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
-            key = cross.split_heads(cross.k_proj(image_keys))
-            value = cross.split_heads(cross.v_proj(image))
-            attended, weights = cross.attend(query, key, value, return_weights)
+            attended, weights = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
 
-        back = self.cross_attn_image_to_token
-        token_keys = tokens + token_pe
-        key = back.split_heads(back.k_proj(token_keys))  # (B, Q, H, T, d)
-        value = back.split_heads(back.v_proj(tokens))
-        query = back.split_heads(back.q_proj(image_keys))  # (B, H, HW, d) shared or (B, Q, H, HW, d)
-        if shared_image:
-            query = query.unsqueeze(1).expand(-1, queries, -1, -1, -1)
-            image = image.unsqueeze(1)
-        attended, _ = back.attend(query, key, value)
-        image = self.norm4(image + attended)
-        return tokens, image, weights
+        image = self.cross_attn_image_to_token.image_attends_to_tokens(image_keys, tokens + token_pe, tokens, image)
+        image = self.norm4(image)
+        return tokens, image, (weights if return_weights else None)
 
 
 class EfficientSamTwoWayTransformer(nn.Module):
@@ -430,8 +509,14 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, tokens, image, image_pe, return_weights: bool = False):
-        """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C)."""
+    def forward(self, tokens, image, image_pe, return_weights: bool = False, num_output_tokens: Optional[int] = None):
+        """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C).
+
+        Returns tokens, the image stream (B, Q, HW, C) and the attention probabilities (with
+        `return_weights`). Only the first `num_output_tokens` tokens go through the final attention
+        and are returned (all T when None or with `return_weights`): the decoder reads only its
+        output tokens from there on, and each token's row of that attention is independent.
+        """
         token_pe = tokens
         all_weights = []
         for index, layer in enumerate(self.layers):
@@ -439,9 +524,9 @@ class EfficientSamTwoWayTransformer(nn.Module):
             all_weights.append(weights)
         if image.dim() == 3:  # no two-way layer: the image stream is still shared
             image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
-        attended, weights = self.final_attn_token_to_image(
-            tokens + token_pe, image + image_pe, image, return_weights
-        )
+        if num_output_tokens is not None and not return_weights:
+            tokens, token_pe = tokens[:, :, :num_output_tokens], token_pe[:, :, :num_output_tokens]
+        attended, weights = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image + image_pe, image)
         all_weights.append(weights)
         tokens = self.norm_final_attn(tokens + attended)
         return tokens, image, (tuple(all_weights) if return_weights else None)
@@ -469,35 +554,83 @@ class EfficientSamMaskDecoder(nn.Module):
             width, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth, act=config.hidden_act
         )
 
-    def forward(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions=False):
-        """image_embeddings (B, C, h, w), image_pe (1, C, h, w), prompt_embeddings (B, Q, P, C)."""
+    @staticmethod
+    def _pixel_transposed_convolution(features: torch.Tensor, convolution: nn.ConvTranspose2d) -> torch.Tensor:
+        """A kernel-2, stride-2 transposed convolution on channels-last (..., pixels, C_in) features.
+
+        Such a convolution maps every input pixel on its own to a 2 x 2 block of output pixels, so it
+        is one matrix product; the output is (..., pixels * 4, C_out), the 4 sub-pixels of an input
+        pixel in a row (dy, dx order), each with its C_out channels contiguous.
+        """
+        weight = convolution.weight  # (C_in, C_out, 2, 2)
+        in_channels, out_channels = weight.shape[:2]
+        weight = weight.permute(0, 2, 3, 1).reshape(in_channels, 4 * out_channels)
+        bias = convolution.bias.repeat(4)
+        if torch.is_autocast_enabled(features.device.type):
+            dtype = torch.get_autocast_dtype(features.device.type)
+            features, weight, bias = features.to(dtype), weight.to(dtype), bias.to(dtype)
+        else:
+            weight, bias = weight.to(features.dtype), bias.to(features.dtype)
+        output = torch.addmm(bias, features.reshape(-1, in_channels), weight)
+        return output.reshape(*features.shape[:-2], -1, out_channels)
+
+    def upscale(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, HW, C) image stream -> (N, 16 * HW, C') upscaled features in sub-pixel order.
+
+        Row (y, x, dy1, dx1, dy2, dx2) holds the output pixel (4y + 2 dy1 + dy2, 4x + 2 dx1 + dx2);
+        `_raster` puts maps in that order back into raster order.
+        """
+        upscaled = self._pixel_transposed_convolution(image, self.upscale_conv1)  # (N, 4 HW, C1)
+        # GroupNorm with one group normalizes over all channels and pixels; pass it the channels-last
+        # view as (N, C1, 4 HW, 1) so that no copy is made.
+        upscaled = self.upscale_act(self.upscale_norm(upscaled.transpose(1, 2).unsqueeze(-1)))
+        upscaled = upscaled.squeeze(-1).transpose(1, 2)
+        return self.upscale_act(self._pixel_transposed_convolution(upscaled, self.upscale_conv2))
+
+    @staticmethod
+    def _raster(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(N, 16 h w, K) maps in the sub-pixel order of `upscale` -> (N, K, 4 h, 4 w) in raster order."""
+        channels = maps.shape[-1]
+        maps = maps.reshape(-1, height, width, 2, 2, 2, 2, channels)
+        return maps.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(-1, channels, 4 * height, 4 * width)
+
+    def forward(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions=False,
+                output_hidden_states=False):
+        """image_embeddings (B, C, h, w), image_pe (1, C, h, w), prompt_embeddings (B, Q, P, C).
+
+        Returns masks (B, Q, M, 4h, 4w), IoU predictions (B, Q, M), the attention probabilities (with
+        `output_attentions`), the output tokens (B, Q, 5, C) and, with `output_hidden_states`, the
+        upscaled embeddings (B, Q, C', 4h, 4w) (else None).
+        """
         batch, queries = prompt_embeddings.shape[:2]
-        width, height, grid_width = image_embeddings.shape[1:]
+        height, width = image_embeddings.shape[-2:]
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
 
         image = image_embeddings.flatten(2).transpose(1, 2)
         image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
-        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions)
+        num_outputs = 1 + self.num_mask_tokens
+        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs)
 
         iou_token_out = tokens[:, :, 0]
         mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
-        upscaled = image.transpose(-1, -2).reshape(batch * queries, width, height, grid_width)
-        upscaled = self.upscale_act(self.upscale_norm(self.upscale_conv1(upscaled)))
-        upscaled = self.upscale_act(self.upscale_conv2(upscaled))
-        channels, mask_height, mask_width = upscaled.shape[1:]
-        upscaled = upscaled.reshape(batch, queries, channels, mask_height, mask_width)
+        upscaled = self.upscale(image.reshape(batch * queries, -1, image.shape[-1]))  # (BQ, 16 HW, C')
 
         # Only the candidates that are returned are computed: tokens 1..3 (multimask) or token 0.
         selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, index]) for index in selected], dim=2
         )  # (B, Q, candidates, channels)
-        masks = torch.matmul(hyper_in, upscaled.flatten(3)).reshape(batch, queries, -1, mask_height, mask_width)
+        hyper_in = hyper_in.reshape(batch * queries, len(selected), -1).to(upscaled.dtype)
+        masks = self._raster(torch.bmm(upscaled, hyper_in.transpose(1, 2)), height, width)
+        masks = masks.reshape(batch, queries, len(selected), 4 * height, 4 * width)
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :, selected.start : selected.stop]
-        output_token_states = tokens[:, :, : 1 + self.num_mask_tokens]
-        return masks, iou_pred, attentions, output_token_states, upscaled
+        output_token_states = tokens[:, :, :num_outputs]
+        upscaled_embeddings = None
+        if output_hidden_states:
+            upscaled_embeddings = self._raster(upscaled, height, width).reshape(batch, queries, -1, 4 * height, 4 * width)
+        return masks, iou_pred, attentions, output_token_states, upscaled_embeddings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +842,7 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
             prompt_embeddings = prompt_embeddings.to(image_embeddings.dtype)
         image_pe = self.prompt_encoder.dense_positional_embedding()
         masks, iou_scores, attentions, token_states, upscaled = self.mask_decoder(
-            image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions
+            image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions, output_hidden_states
         )
         output = EfficientSamImageSegmentationOutput(
             iou_scores=iou_scores,

@@ -11,7 +11,7 @@ import torch
 
 from modeling_efficientsam.training import DistillationSchedule
 from modeling_efficientsam.training.distillation import DISTILLATION_TERMS
-from test_trainer import first_batch, make_trainer, tiny_dataset, tiny_model
+from conftest import first_batch, make_trainer, tiny_dataset, tiny_model
 
 KD_TERMS_PIXELS = ("mask_kd_loss", "iou_kd_loss", "token_feature_loss", "upscaled_feature_loss", "embedding_kd_loss",
                    "attention_kd_loss")
@@ -177,7 +177,7 @@ def test_incompatible_teacher_is_refused(tmp_path, synthetic_pcb_dataset):
     import json
 
     from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
-    from test_trainer import TINY_CONFIG
+    from conftest import TINY_CONFIG
 
     config = json.loads(json.dumps(TINY_CONFIG))
     config["mask_decoder_config"]["num_attention_heads"] = 4

@@ -27,19 +27,12 @@ from modeling_efficientsam.data.embedding_cache import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO.parent / "shared" / "fixtures" / "efficientsam_reference" / "reference_tiny_config.json"
-_TINY_FALLBACK = {  # the same values, so the tests also run without ../shared
-    "img_size": 128, "patch_size": 16, "patch_embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0,
-    "neck_dims": [64, 64], "decoder_max_num_input_points": 6, "decoder_depth": 2, "decoder_num_heads": 8,
-    "decoder_mlp_dim": 128, "iou_head_depth": 3, "iou_head_hidden_dim": 64, "upscaling_layer_dims": [16, 8],
-    "pretrain_img_size": 224,
-}
 
-
+from conftest import TINY_128  # noqa: E402
+from conftest import tiny_model as shared_tiny_model  # noqa: E402
 def tiny_model(seed: int) -> EfficientSamModel:
-    original = json.loads(TINY_CONFIG.read_text()) if TINY_CONFIG.exists() else _TINY_FALLBACK
-    torch.manual_seed(seed)
-    return EfficientSamModel(EfficientSamConfig.from_original_config(original)).eval()
+    """The shared tiny model in its 128-pixel form (64 x 8 x 8 embeddings)."""
+    return shared_tiny_model(seed, **TINY_128).eval()
 
 
 def live_embedding(model, pixel_values) -> torch.Tensor:

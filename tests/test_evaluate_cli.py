@@ -12,19 +12,14 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+
 from modeling_efficientsam.data import dataset_categories, prepare_coco_dataset
 from modeling_efficientsam.inference.evaluate_cli import main as evaluate_main
 from modeling_efficientsam.inference.evaluate_cli import model_labels
 from modeling_efficientsam.inference.evaluation import coco_ground_truth, evaluate_predictor, make_prompts
 from modeling_efficientsam.metrics import boundary_f_score
 
-TINY_CONFIG = {
-    "img_size": 64, "patch_size": 16, "patch_embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
-    "neck_dims": [32, 32], "decoder_max_num_input_points": 6, "decoder_depth": 1, "decoder_num_heads": 4,
-    "decoder_mlp_dim": 64, "iou_head_depth": 3, "iou_head_hidden_dim": 32, "upscaling_layer_dims": [8, 8],
-    "pretrain_img_size": 224,
-}
+from conftest import tiny_model, tiny_processor  # noqa: E402
 
 
 def _rect(height, width, rows, cols):
@@ -157,12 +152,9 @@ def test_box_noise_is_seeded_and_model_independent(hand_made):
 def model_dirs(tmp_path_factory):
     directories = []
     for seed in (0, 1):
-        config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-        config.initializer_range = 0.1
-        torch.manual_seed(seed)
         directory = tmp_path_factory.mktemp(f"tiny_eval_{seed}")
-        EfficientSamModel(config).save_pretrained(directory)
-        EfficientSamProcessor(EfficientSamImageProcessor(size=64)).save_pretrained(directory)
+        tiny_model(seed, initializer_range=0.1).save_pretrained(directory)
+        tiny_processor().save_pretrained(directory)
         directories.append(directory)
     return directories
 

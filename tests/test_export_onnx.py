@@ -24,19 +24,11 @@ from modeling_efficientsam.inference.export_onnx import check_with_onnxruntime, 
 from modeling_efficientsam.inference.export_onnx import main as export_main  # noqa: E402
 from modeling_efficientsam.processing_efficientsam import box_corner_points  # noqa: E402
 
-TINY_CONFIG = {
-    "img_size": 64, "patch_size": 16, "patch_embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
-    "neck_dims": [32, 32], "decoder_max_num_input_points": 6, "decoder_depth": 2, "decoder_num_heads": 4,
-    "decoder_mlp_dim": 64, "iou_head_depth": 3, "iou_head_hidden_dim": 32, "upscaling_layer_dims": [8, 8],
-    "pretrain_img_size": 224,
-}
+from conftest import tiny_model  # noqa: E402
 
 
 def _model(seed):
-    config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-    config.initializer_range = 0.1
-    torch.manual_seed(seed)
-    return EfficientSamModel(config).eval()
+    return tiny_model(seed, initializer_range=0.1).eval()
 
 
 @pytest.fixture(scope="module")

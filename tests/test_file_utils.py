@@ -18,15 +18,6 @@ from modeling_efficientsam.file_utils import (
 )
 
 
-@pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
 def test_files_get_normal_permissions_not_mkstemp_ones(tmp_path, umask_022):
     json_path = write_json_atomic(tmp_path / "sub" / "a.json", {"x": 1}, indent=2)  # parent created
     image_path = save_image_atomic(tmp_path / "b.png", Image.new("RGB", (3, 2)))

@@ -35,7 +35,7 @@ from modeling_efficientsam.inference.evaluate_cli import main as evaluate_main
 from modeling_efficientsam.inference.export_onnx import main as export_main
 from modeling_efficientsam.inference.loading import ModelLoadError, load_efficientsam_model
 from modeling_efficientsam.inference.predict_cli import main as predict_main
-from test_predict_cli import TINY_CONFIG
+from conftest import tiny_model, tiny_processor
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 64, 48
@@ -66,11 +66,9 @@ def _prepare_command(annotations, images_dir, output_dir):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny_model_hardening")
-    EfficientSamModel(config).save_pretrained(directory)
-    EfficientSamProcessor(EfficientSamImageProcessor(size=64)).save_pretrained(directory)
+    tiny_model(0).save_pretrained(directory)
+    tiny_processor().save_pretrained(directory)
     return directory
 
 
@@ -322,15 +320,6 @@ def test_predict_derives_missing_boxes_and_names_annotation_ids(model_dir, tmp_p
 
 # ---------------------------------------------------------------------------------------------
 # 6. written files are readable by others
-
-
-@pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def test_outputs_are_world_readable(model_dir, tmp_path, coco_writer, umask_022):

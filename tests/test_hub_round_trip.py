@@ -29,67 +29,20 @@ from modeling_efficientsam import (
 )
 from modeling_efficientsam.hub_usage import USAGE_SNIPPET, usage_snippet
 
-# A small random architecture (64 px input, 4 x 4 token grid).
-SMALL_CONFIG = {
-    "vision_config": {"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
-                      "num_attention_heads": 2, "neck_hidden_sizes": [32, 32], "pretrain_image_size": 64},
-    "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "iou_head_hidden_dim": 32, "upscaling_dims": [16, 8]},
-    "initializer_range": 0.3,
-}
+from conftest import run_without_package, sample_image, tiny_config, tiny_model  # noqa: E402
+
 BOXES = [[[10, 12, 70, 50], [60, 40, 150, 110]]]  # one image, two boxes (xyxy pixels)
 CODE_FILES = {
     "configuration_efficientsam.py", "modeling_efficientsam.py", "image_processing_efficientsam.py",
     "image_utils.py", "mask_generation_efficientsam.py", "processing_efficientsam.py",
 }
 
-# Prepended to every subprocess: the package cannot be imported, whatever sys.path or the editable install say.
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class _RefuseEfficientSamPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_efficientsam" or name.startswith("modeling_efficientsam."):
-                raise ImportError(name + " is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, _RefuseEfficientSamPackage())
-    try:
-        import modeling_efficientsam
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_efficientsam was importable; the test would prove nothing")
-    """
-)
-
-
-def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter (same virtualenv) where ``import modeling_efficientsam`` fails."""
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "hf_modules"),
-               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-c", BLOCK_PACKAGE + "\n" + code], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}"
-    return result
-
-
 def save_small_model(folder: Path) -> tuple[EfficientSamModel, EfficientSamProcessor]:
-    torch.manual_seed(0)
-    model = EfficientSamModel(EfficientSamConfig(**SMALL_CONFIG)).eval()
+    model = tiny_model(seed=0, initializer_range=0.3).eval()
     processor = EfficientSamProcessor(EfficientSamImageProcessor(size=64))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
-
-
-def sample_image(height: int = 120, width: int = 160) -> Image.Image:
-    rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
-    pixels[20:60, 20:80] = (220, 200, 40)
-    pixels[50:100, 70:140] = (30, 90, 210)
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +81,7 @@ def test_saved_folder_maps_every_auto_class_and_holds_the_code(saved):
 def test_trainer_save_model_writes_a_remote_code_folder(tmp_path):
     """Training saves with Trainer.save_model + processor.save_pretrained; that folder must carry the code too."""
     torch.manual_seed(0)
-    model = EfficientSamModel(EfficientSamConfig(**SMALL_CONFIG))
+    model = EfficientSamModel(tiny_config(initializer_range=0.3))
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
     Trainer(model=model, args=args).save_model()
     EfficientSamProcessor(EfficientSamImageProcessor(size=64)).save_pretrained(tmp_path / "run")

@@ -29,7 +29,8 @@ from modeling_efficientsam.mask_generation_efficientsam import (
     stability_scores,
 )
 from modeling_efficientsam.processing_efficientsam import to_model_frame
-from test_hub_round_trip import run_without_package
+from conftest import run_without_package
+from conftest import sample_image as shared_sample_image
 
 QUICKSTART_MODEL = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "quickstart_model.json"
 HEIGHT, WIDTH = 96, 128
@@ -165,11 +166,7 @@ def test_post_process_for_mask_generation_removes_duplicates_best_first():
 
 # -- the pipeline on the quickstart architecture -----------------------------------------------------
 def sample_image() -> Image.Image:
-    rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 60, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
-    pixels[10:50, 15:70] = (220, 200, 40)
-    pixels[45:90, 60:120] = (30, 90, 210)
-    return Image.fromarray(pixels)
+    return shared_sample_image(HEIGHT, WIDTH)
 
 
 @pytest.fixture(scope="module")

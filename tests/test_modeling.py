@@ -18,6 +18,9 @@ from modeling_efficientsam import (
     EfficientSamProcessor,
 )
 from modeling_efficientsam.convert_efficientsam_to_hf import (
+    ORIGINAL_COMMON,
+    ORIGINAL_VARIANTS,
+    config_from_original,
     convert_key,
     convert_state_dict,
     load_original_state_dict,
@@ -30,30 +33,24 @@ from modeling_efficientsam.parity import (
     reference_failures,
 )
 
+from conftest import tiny_config as shared_tiny_config  # noqa: E402
+
 FIXTURES = "fixtures/efficientsam_reference"
 
 
 def tiny_config(**overrides) -> EfficientSamConfig:
-    """A small random architecture (64 px input) for fast structural tests.
-
-    Weights are drawn with a large spread so that outputs react visibly to every input.
-    """
+    """The shared tiny configuration with two encoder layers, 8 decoder heads and a large weight
+    spread (std 0.3), so outputs react visibly to every input."""
     overrides.setdefault("initializer_range", 0.3)
-    return EfficientSamConfig(
-        vision_config={"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "neck_hidden_sizes": [32, 32], "pretrain_image_size": 64},
-        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "image_embedding_size": 4},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "iou_head_hidden_dim": 32,
-                             "upscaling_dims": [16, 8]},
-        **overrides,
-    )
+    return shared_tiny_config(vision_config={"num_hidden_layers": 2}, mask_decoder_config={"num_attention_heads": 8},
+                              **overrides)
 
 
 def reference_model(shared_path, name: str, attn_implementation: str):
     folder = shared_path(FIXTURES)
     original = load_original_state_dict(folder / f"reference_{name}.pt")
     with open(folder / f"reference_{name}_config.json") as handle:
-        config = EfficientSamConfig.from_original_config(json.load(handle))
+        config = config_from_original(json.load(handle))
     config._attn_implementation = attn_implementation
     model = EfficientSamModel(config).eval()
     model.load_state_dict(convert_state_dict(original), strict=True)
@@ -211,7 +208,7 @@ def test_conversion_rejects_wrong_variant_and_unknown_architecture(shared_path, 
     with pytest.raises(ValueError, match="pass --original_config"):
         convert(str(folder / "reference_tiny.pt"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="unknown original config keys"):
-        EfficientSamConfig.from_original_config({"img_size": 128, "mystery": 1})
+        config_from_original({"img_size": 128, "mystery": 1})
 
 
 def test_conversion_reports_unmapped_keys():
@@ -440,44 +437,6 @@ def test_auto_classes_are_registered(tmp_path, small_model):
     assert isinstance(processor, EfficientSamProcessor) and processor.size == 64
 
 
-def test_trust_remote_code_loading_without_the_package(tmp_path, small_model):
-    folder = tmp_path / "model"
-    small_model.save_pretrained(folder)
-    assert (folder / "modeling_efficientsam.py").exists() and (folder / "configuration_efficientsam.py").exists()
-    pixels = torch.randn(1, 3, 64, 64)
-    boxes = random_prompts(batch=1)
-    torch.save({"pixels": pixels, "boxes": boxes}, tmp_path / "inputs.pt")
-    with torch.no_grad():
-        expected = small_model(pixel_values=pixels, input_boxes=boxes).pred_masks
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_efficientsam" or name.startswith("modeling_efficientsam."):
-                    raise ImportError("blocked for this test: " + name)
-        sys.meta_path.insert(0, Block())
-        import torch
-        from transformers import AutoModel
-        try:
-            import modeling_efficientsam  # noqa: F401
-            raise SystemExit("the package was importable")
-        except ImportError:
-            pass
-        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert "modeling_efficientsam" not in sys.modules
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
-        with torch.no_grad():
-            masks = model(pixel_values=inputs["pixels"], input_boxes=inputs["boxes"]).pred_masks
-        torch.save(masks, {str(tmp_path / 'masks.pt')!r})
-        print(type(model).__module__)
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "transformers_modules" in result.stdout
-    assert torch.equal(torch.load(tmp_path / "masks.pt"), expected)
-
-
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
@@ -601,3 +560,13 @@ def test_torch_compile_gives_the_same_outputs(attn_implementation):
         assert scale > 1e-3, name  # a real output, not all zeros
         # fused kernels round differently; observed relative differences ~1e-6, bound 1e-3
         assert (value - reference).abs().max().item() <= 1e-3 * scale, name
+
+
+def test_presets_equal_the_original_constructor_numbers():
+    """from_variant (this configuration's names) and the converter's reading of the original
+    constructor numbers give the same architecture."""
+    for variant, numbers in ORIGINAL_VARIANTS.items():
+        ours = EfficientSamConfig.from_variant(variant).to_dict()
+        converted = config_from_original({**ORIGINAL_COMMON, **numbers}).to_dict()
+        assert ours == converted, variant
+    assert EfficientSamConfig.from_variant("ViT-S").vision_config.hidden_size == 384

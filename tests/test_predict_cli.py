@@ -17,25 +17,17 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+
 from modeling_efficientsam.inference.predict_cli import main as predict_main
 
-TINY_CONFIG = {
-    "img_size": 64, "patch_size": 16, "patch_embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
-    "neck_dims": [32, 32], "decoder_max_num_input_points": 6, "decoder_depth": 1, "decoder_num_heads": 4,
-    "decoder_mlp_dim": 64, "iou_head_depth": 3, "iou_head_hidden_dim": 32, "upscaling_layer_dims": [8, 8],
-    "pretrain_img_size": 224,
-}
+from conftest import tiny_model, tiny_processor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-    config.initializer_range = 0.1
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny_model_64")
-    EfficientSamModel(config).save_pretrained(directory)
-    EfficientSamProcessor(EfficientSamImageProcessor(size=64)).save_pretrained(directory)
+    tiny_model(0, initializer_range=0.1).save_pretrained(directory)
+    tiny_processor().save_pretrained(directory)
     return directory
 
 

@@ -12,20 +12,14 @@ from PIL import Image
 from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
 from modeling_efficientsam.inference import EfficientSamPrediction, EfficientSamPredictor
 
-TINY_CONFIG = {
-    "img_size": 128, "patch_size": 16, "patch_embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0,
-    "neck_dims": [64, 64], "decoder_max_num_input_points": 6, "decoder_depth": 2, "decoder_num_heads": 8,
-    "decoder_mlp_dim": 128, "iou_head_depth": 3, "iou_head_hidden_dim": 64, "upscaling_layer_dims": [16, 8],
-    "pretrain_img_size": 224,
-}
+from conftest import TINY_128  # noqa: E402
+from conftest import tiny_model as shared_tiny_model  # noqa: E402
 
 
 def tiny_model(seed: int = 0) -> EfficientSamModel:
-    """A 128-pixel EfficientSAM whose random outputs depend visibly on the prompts (init std 0.1)."""
-    config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-    config.initializer_range = 0.1
-    torch.manual_seed(seed)
-    return EfficientSamModel(config).eval()
+    """The shared tiny model in its 128-pixel form, whose random outputs depend visibly on the prompts
+    (init std 0.1)."""
+    return shared_tiny_model(seed, initializer_range=0.1, **TINY_128).eval()
 
 
 @pytest.fixture(scope="module")

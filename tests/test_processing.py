@@ -11,6 +11,9 @@ from PIL import Image
 from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamProcessor
 
 
+from conftest import tiny_model  # noqa: E402
+
+
 def original_preprocess(image_uint8_chw: torch.Tensor, size: int) -> torch.Tensor:
     """The original model's arithmetic, written out: /255, bilinear stretch, normalize."""
     x = image_uint8_chw[None] / 255.0
@@ -148,15 +151,7 @@ def test_images_with_different_query_counts_are_padded():
 
 
 def test_processor_feeds_the_model_end_to_end(rgb):
-    from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
-
-    config = EfficientSamConfig(
-        vision_config={"image_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "neck_hidden_sizes": [32, 32]},
-        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "image_embedding_size": 4},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "iou_head_hidden_dim": 32, "upscaling_dims": [16, 8]},
-    )
-    model = EfficientSamModel(config).eval()
+    model = tiny_model().eval()
     processor = EfficientSamProcessor(EfficientSamImageProcessor(size=64))
     inputs = processor(images=[rgb], input_boxes=[[[5, 5, 40, 25]]])
     with torch.no_grad():

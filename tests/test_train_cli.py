@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from modeling_efficientsam import EfficientSamModel, EfficientSamProcessor
-from test_trainer import TINY_CONFIG, tiny_dataset
+from conftest import TINY_CONFIG, tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -33,50 +33,7 @@ from modeling_efficientsam.training.evaluation import (
 from modeling_efficientsam.training.losses import segmentation_loss
 from modeling_efficientsam.training.model_building import build_student
 
-# 64 px input, 4 x 4 token grid, 16 x 16 masks: a model that trains in milliseconds.
-TINY_CONFIG = {
-    "vision_config": {"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "pretrain_image_size": 64, "neck_hidden_sizes": [32, 32]},
-    "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "image_embedding_size": 4},
-    "mask_decoder_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 64,
-                            "iou_head_hidden_dim": 32, "upscaling_dims": [16, 8]},
-}
-
-
-def tiny_model(seed: int = 0, encoder_width: int = 32, freeze_encoder: bool = False) -> EfficientSamModel:
-    config = json.loads(json.dumps(TINY_CONFIG))
-    config["vision_config"]["hidden_size"] = encoder_width
-    torch.manual_seed(seed)
-    model = EfficientSamModel(EfficientSamConfig(**config))
-    model.vision_encoder.requires_grad_(not freeze_encoder)
-    return model
-
-
-def tiny_dataset(split, box_noise_scale: float = 0.1, max_objects=4, seed: int = 0, **kwargs) -> EfficientSamTrainingDataset:
-    return EfficientSamTrainingDataset(split, image_size=64, mask_size=16, max_objects=max_objects,
-                                       box_noise_scale=box_noise_scale, seed=seed, **kwargs)
-
-
-def tiny_args(output_dir, **overrides) -> EfficientSamTrainingArguments:
-    values = dict(
-        output_dir=str(output_dir), report_to="none", per_device_train_batch_size=2, per_device_eval_batch_size=2,
-        num_train_epochs=1, learning_rate=1e-2, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-        eval_on_start=False, logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return EfficientSamTrainingArguments(**values)
-
-
-def make_trainer(output_dir, dataset, model=None, teacher=None, train=None, evaluation=None, id2label=None, **overrides):
-    model = model if model is not None else tiny_model()
-    train = train if train is not None else tiny_dataset(dataset["train"])
-    return EfficientSamTrainer(model=model, args=tiny_args(output_dir, **overrides), teacher_model=teacher,
-                               train_dataset=train, eval_dataset=evaluation, id2label=id2label)
-
-
-def first_batch(dataset, indices=(0, 1), **kwargs):
-    data = tiny_dataset(dataset["train"], **kwargs)
-    return EfficientSamCollator()([data[i] for i in indices])
+from conftest import TINY_CONFIG, first_batch, make_trainer, tiny_args, tiny_dataset, tiny_model  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,9 +174,10 @@ def build_app(model, settings, title=TITLE):
 
     def on_image(image):
         if image is None:
-            return None, "", None
+            return None, "", None, "Upload an image."
         embedding, size = encode(model, settings, image)
-        return {"embedding": embedding, "size": size, "image": to_rgb(image)}, "", to_rgb(image)
+        message = f"Image {size[1]} x {size[0]} encoded: draw or type boxes."
+        return {"embedding": embedding, "size": size, "image": to_rgb(image)}, "", to_rgb(image), message
 
     def on_segment(state, text, choice):
         try:
@@ -212,7 +213,7 @@ def build_app(model, settings, title=TITLE):
                 result = gr.Image(label="Masks", type="pil", format="png", interactive=False, elem_id="overlay-0")
                 table = gr.Dataframe(headers=["object", "box", "candidate", "predicted IoU"], interactive=False)
                 files = gr.File(label="Masks as PNG", file_count="multiple", interactive=False)
-        image.change(on_image, [image], [state, boxes, result])
+        image.change(on_image, [image], [state, boxes, result, status])
         run.click(on_segment, [state, boxes, choice], [result, table, files, status])
         boxes.submit(on_segment, [state, boxes, choice], [result, table, files, status])
         choice.change(on_segment, [state, boxes, choice], [result, table, files, status])

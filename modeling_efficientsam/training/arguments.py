@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Union
 
 from transformers import TrainingArguments
 
-from ..configuration_efficientsam import ORIGINAL_VARIANTS
+from ..configuration_efficientsam import VARIANTS, normalize_variant
 from ..data.embedding_cache import STORAGE_DTYPES
 from ..data.training_dataset import PROMPT_MODES
 from .optimization import OPTIMIZERS, SCHEDULERS
@@ -31,7 +31,7 @@ __all__ = [
     "ModelArguments",
 ]
 
-MODEL_VARIANTS = tuple(ORIGINAL_VARIANTS)
+MODEL_VARIANTS = VARIANTS
 CACHE_DTYPES = tuple(STORAGE_DTYPES)
 
 
@@ -107,8 +107,7 @@ class ModelArguments:
             if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)  # lets `--teacher_model_name_or_path none` turn a recipe's teacher off
         if self.model_variant is not None:
-            self.model_variant = self.model_variant.lower().replace("-", "").replace("_", "")
-            _check(self.model_variant in MODEL_VARIANTS, f"model_variant must be one of {MODEL_VARIANTS}, got {self.model_variant!r}")
+            self.model_variant = normalize_variant(self.model_variant)  # a ValueError names the choices
         if isinstance(self.model_config, str) and self.model_config.strip().startswith("{"):
             self.model_config = json.loads(self.model_config)
         fresh = self.model_variant is not None or self.model_config is not None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-from ..configuration_efficientsam import ORIGINAL_VARIANTS
+from ..configuration_efficientsam import normalize_variant
 
 __all__ = ["GUIDE_KEYS", "RELEASED_CHECKPOINT_TEMPLATE", "map_original_config"]
 
@@ -34,10 +34,7 @@ RELEASED_CHECKPOINT_TEMPLATE = "yunyangx/EfficientSAM/efficient_sam_{variant}.pt
 def _variant(value) -> Optional[str]:
     if value is None:
         return None
-    key = str(value).lower().replace("-", "").replace("_", "")
-    if key not in ORIGINAL_VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(ORIGINAL_VARIANTS)} (or null), got {value!r}")
-    return RELEASED_CHECKPOINT_TEMPLATE.format(variant=key)
+    return RELEASED_CHECKPOINT_TEMPLATE.format(variant=normalize_variant(value))
 
 
 def _same(name: str) -> Callable[[Any], Dict[str, Any]]:
