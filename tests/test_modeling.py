@@ -139,8 +139,9 @@ def test_processors_produce_float64_when_asked(shared_path):
     assert inputs["pixel_values"].dtype == torch.float64
     assert inputs["input_points"].dtype == inputs["input_boxes"].dtype == torch.float64
     assert inputs["input_labels"].dtype == torch.long
-    # the original's float64 preprocessing, exactly
-    assert torch.equal(inputs["pixel_values"], reference["pixel_values"])
+    # the original's float64 preprocessing, to float64 rounding (observed: 0 with AVX-512 kernels,
+    # 1.3e-15 with AVX2 ones)
+    assert (inputs["pixel_values"] - reference["pixel_values"]).abs().max() <= FLOAT64_LIMITS["pixel_values"]
     default = processor(images=images, input_points=reference["points"], input_labels=reference["point_labels"])
     assert default["pixel_values"].dtype == default["input_points"].dtype == torch.float32
     assert (default["pixel_values"].double() - inputs["pixel_values"]).abs().max() < 1e-5
