@@ -9,8 +9,14 @@ Example:
         --validation_images ../shared/datasets/wafer_defects/valid \
         --output_dir outputs/wafer_dataset
 
-The dataset format and report.json are described in data/README.md. Exit status 2 with a message
-naming the file and record when the input cannot be converted.
+    # the same, then pushed to a Hub dataset repository with its dataset card
+    python data/prepare_dataset.py ... --output_dir outputs/wafer_dataset --push_to_hub me/wafer-defects \
+        --license cc-by-4.0 [--private] [--hub_format_dir outputs/wafer_dataset_hub]
+
+The dataset format and report.json are described in data/README.md; the Hub form (Parquet files,
+dataset card, coco_categories.json, report.json) in modeling_efficientsam/data/hub_format.py.
+`--hub_format_dir DIR` writes the Hub form to DIR (without --push_to_hub: only that, nothing is
+uploaded). Exit status 2 with a message naming the file and record when the input cannot be converted.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modeling_efficientsam.data import CocoValidationError, format_conversion_summary, load_or_prepare, prepare_coco_dataset
+from modeling_efficientsam.data import CocoValidationError, format_conversion_summary, load_or_prepare, prepare_coco_dataset, read_report
+from modeling_efficientsam.data.hub_format import push_prepared_dataset, save_hub_format
 
 SPLITS = ("train", "validation", "test")
 
@@ -35,9 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="drop annotations whose box has a lower IoU with the tight box of their mask (default 0.5)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep an existing conversion of the same inputs and options instead of converting again")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also push the DatasetDict to this Hub dataset repository")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID",
+                        help="also push the dataset (Parquet files, dataset card, COCO category ids, report) to this Hub dataset repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--license", help="license of the data for the dataset card, as a Hub license id (e.g. cc-by-4.0); "
+                        "without it the card says that no license was declared")
+    parser.add_argument("--pretty_name", help="title of the dataset card (default: the repository name)")
+    parser.add_argument("--hub_format_dir", metavar="DIR",
+                        help="write the Hub form of the dataset to DIR (kept; with --push_to_hub it is what gets uploaded)")
     args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private goes with --push_to_hub")
     for split in SPLITS[1:]:
         if (getattr(args, f"{split}_annotations") is None) != (getattr(args, f"{split}_images") is None):
             parser.error(f"--{split}_annotations and --{split}_images go together")
@@ -59,9 +74,16 @@ def main(argv=None) -> int:
         return 2
     print(format_conversion_summary(args.output_dir))
     print(f"saved to {args.output_dir}")
+    card = dict(report=read_report(args.output_dir), license=args.license, pretty_name=args.pretty_name)
     if args.push_to_hub:
-        dataset.push_to_hub(args.push_to_hub, private=args.private)
-        print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
+        if args.license is None:
+            print("warning: no --license given; the dataset card will say that no license was declared", file=sys.stderr)
+        url = push_prepared_dataset(dataset, args.push_to_hub, private=args.private or None,
+                                    hub_format_dir=args.hub_format_dir, **card)
+        print(f"pushed to {url}")
+    elif args.hub_format_dir:
+        save_hub_format(dataset, args.hub_format_dir, **card)
+        print(f"wrote the Hub form to {args.hub_format_dir}")
     return 0
 
 

@@ -2,8 +2,9 @@
 page's handlers, the Space app written next to a model (run without this package), and the page
 driven in headless Chromium.
 
-The browser test needs Chromium (Debian's ``chromium``; ``.ci/run`` installs it where it can) and the
-``playwright`` package; without them it skips with a printed reason. With
+The browser test needs Chromium (Debian's ``chromium``, or the one ``EFFICIENTSAM_CHROMIUM`` names;
+``.ci/run`` installs it where it can) and the ``playwright`` package. Without Chromium it skips with a
+printed reason; under ``CI=true`` a missing playwright or a Chromium that does not start fails it. With
 ``EFFICIENTSAM_UPDATE_SCREENSHOT=1`` it saves its screenshot as ``docs/images/demo.png``;
 ``EFFICIENTSAM_DEMO_MODELS="base=DIR,tuned=DIR"`` runs it on real models instead of tiny random ones.
 """
@@ -17,9 +18,6 @@ import os
 import py_compile
 import shutil
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +26,23 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
-from modeling_efficientsam.demo import DemoPrompt, DemoSession, format_prompts, parse_candidate, parse_prompts, write_space_app
+from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+from modeling_efficientsam.demo import (
+    DemoPrompt, DemoSession, format_prompts, parse_candidate, parse_prompts, write_space_app,
+)
 from modeling_efficientsam.inference import EfficientSamPredictor
 from modeling_efficientsam.inference.overlay import PALETTE
 
+from conftest import TINY_128, run_without_package, tiny_model, tiny_processor  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {
-    "img_size": 128, "patch_size": 16, "patch_embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0,
-    "neck_dims": [64, 64], "decoder_max_num_input_points": 6, "decoder_depth": 2, "decoder_num_heads": 8,
-    "decoder_mlp_dim": 128, "iou_head_depth": 3, "iou_head_hidden_dim": 64, "upscaling_layer_dims": [16, 8],
-    "pretrain_img_size": 224,
-}
 
 
 def save_tiny_model(directory: Path, seed: int) -> Path:
-    """A 128-pixel random EfficientSAM (init std 0.1, so masks depend visibly on the prompts) and its processor."""
-    config = EfficientSamConfig.from_original_config(dict(TINY_CONFIG))
-    config.initializer_range = 0.1
-    torch.manual_seed(seed)
-    EfficientSamModel(config).eval().save_pretrained(directory)
-    EfficientSamProcessor(EfficientSamImageProcessor(size=128)).save_pretrained(directory)
+    """The shared tiny model in its 128-pixel form (init std 0.1, so masks depend visibly on the
+    prompts) with its processor."""
+    tiny_model(seed, initializer_range=0.1, **TINY_128).eval().save_pretrained(directory)
+    tiny_processor(128).save_pretrained(directory)
     return directory
 
 
@@ -74,7 +68,10 @@ class CallCounter:
 
     def __init__(self, module):
         self.sizes = []
-        self.handle = module.register_forward_hook(lambda _m, args, _out: self.sizes.append(int(args[0].shape[0]) if args else -1))
+        def record(_module, args, _output):
+            self.sizes.append(int(args[0].shape[0]) if args else -1)
+
+        self.handle = module.register_forward_hook(record)
 
     def close(self):
         self.handle.remove()
@@ -233,7 +230,8 @@ def test_exports_png_and_coco_rle(predictors, image, tmp_path):
     session = DemoSession(predictors).set_image(image)
     session.set_prompts_text("10,5,60,70\n30,20,110,85 +70,50")
     paths = session.export_png(tmp_path, candidate=1)
-    assert [path.name for path in paths] == ["base_object1.png", "base_object2.png", "tuned_object1.png", "tuned_object2.png"]
+    assert [path.name for path in paths] == [
+        "base_object1.png", "base_object2.png", "tuned_object1.png", "tuned_object2.png"]
     json_path = session.export_coco_rle(tmp_path / "masks.json", candidate=1)
     records = json.loads(json_path.read_text())
     assert len(records) == 4
@@ -319,25 +317,22 @@ def test_page_handlers_and_blocks(predictors, image, tmp_path):
 # the Space app, run where this package cannot be imported
 # ----------------------------------------------------------------------------------------------
 
-SPACE_RUNNER = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["modeling_efficientsam"] = None  # as on a Space: the package is not there
-    sys.path.insert(0, ".")
-    import numpy as np
-    from PIL import Image
-    import app
-    model, settings = app.load_model(".")
-    image = np.asarray(Image.open(sys.argv[1]))
-    embedding, size = app.encode(model, settings, image)
-    boxes = app.parse_boxes("10,5,60,70\\n[30, 20, 110, 85]")
-    masks, scores, chosen = app.decode(model, settings, embedding, size, boxes)
-    second = app.decode(model, settings, embedding, size, boxes, candidate=1)
-    np.savez(sys.argv[2], masks=masks, scores=scores, chosen=chosen, masks1=second[0], scores1=second[1])
-    app.overlay(image, masks, boxes, scores).save(sys.argv[3])
-    print(json.dumps({"settings": settings, "package_loaded": bool(sys.modules.get("modeling_efficientsam"))}))
-    """
-)
+SPACE_RUNNER = """
+import json, sys
+import numpy as np
+from PIL import Image
+sys.path.insert(0, ".")
+import app
+model, settings = app.load_model(".")
+image = np.asarray(Image.open({image!r}))
+embedding, size = app.encode(model, settings, image)
+boxes = app.parse_boxes("10,5,60,70\\n[30, 20, 110, 85]")
+masks, scores, chosen = app.decode(model, settings, embedding, size, boxes)
+second = app.decode(model, settings, embedding, size, boxes, candidate=1)
+np.savez({output!r}, masks=masks, scores=scores, chosen=chosen, masks1=second[0], scores1=second[1])
+app.overlay(image, masks, boxes, scores).save({overlay!r})
+print(json.dumps({{"settings": settings, "package_loaded": "modeling_efficientsam" in sys.modules}}))
+"""
 
 
 def test_space_app_runs_from_the_model_folder_alone(model_dirs, predictors, image, tmp_path):
@@ -353,13 +348,9 @@ def test_space_app_runs_from_the_model_folder_alone(model_dirs, predictors, imag
     assert {"gradio>=5.0", "transformers>=4.46", "torch>=2.1"} <= set(requirements)
 
     Image.fromarray(image).save(tmp_path / "image.png")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": ""}
-    process = subprocess.run(
-        [sys.executable, "-c", SPACE_RUNNER, str(tmp_path / "image.png"), str(tmp_path / "out.npz"), str(tmp_path / "overlay.png")],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
+    code = SPACE_RUNNER.format(image=str(tmp_path / "image.png"), output=str(tmp_path / "out.npz"),
+                               overlay=str(tmp_path / "overlay.png"))
+    process = run_without_package(code, cwd=folder, timeout=180)
     report = json.loads(process.stdout.strip().splitlines()[-1])
     assert report == {"settings": {"size": 128, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                    "threshold": 0.0}, "package_loaded": False}
@@ -420,8 +411,8 @@ def _browser_models(model_dirs) -> dict:
 
 
 def test_demo_in_headless_chromium(model_dirs, tmp_path):
-    _gradio()
     executable = _chromium()
+    _gradio()
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError as error:
@@ -451,6 +442,10 @@ def test_demo_in_headless_chromium(model_dirs, tmp_path):
             def wait_status(text: str, timeout: float = 30_000):
                 page.wait_for_function(
                     "text => document.querySelector('#status').innerText.includes(text)", arg=text, timeout=timeout)
+
+            def wait_picture_change(old_source: str):
+                page.wait_for_function("old => document.querySelector('#overlay-0 img').getAttribute('src') !== old",
+                                       arg=old_source, timeout=30_000)
 
             page.goto(url)
             page.locator("#input-image input[type=file]").set_input_files(example)
@@ -500,8 +495,7 @@ def test_demo_in_headless_chromium(model_dirs, tmp_path):
             # another candidate changes the picture; downloads come back
             before = page.locator("#overlay-0 img").first.get_attribute("src")
             page.get_by_label("3", exact=True).check()
-            page.wait_for_function(
-                "old => document.querySelector('#overlay-0 img').getAttribute('src') !== old", arg=before, timeout=30_000)
+            wait_picture_change(before)
             page.locator("#download").click()
             wait_status("file(s) ready")
             links = [link.get_attribute("href") for link in page.locator("#files a").all()]
@@ -512,8 +506,7 @@ def test_demo_in_headless_chromium(model_dirs, tmp_path):
 
             third = page.locator("#overlay-0 img").first.get_attribute("src")
             page.get_by_label("best (highest predicted IoU)").check()
-            page.wait_for_function(
-                "old => document.querySelector('#overlay-0 img').getAttribute('src') !== old", arg=third, timeout=30_000)
+            wait_picture_change(third)
             page.wait_for_timeout(500)  # let the pictures paint
             shot = tmp_path / "demo.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -524,5 +517,5 @@ def test_demo_in_headless_chromium(model_dirs, tmp_path):
     if os.environ.get("EFFICIENTSAM_UPDATE_SCREENSHOT") == "1":
         target = REPO / "docs" / "images" / "demo.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
+        Image.open(shot).save(target, optimize=True)  # lossless, only smaller
         print(f"screenshot written to {target}")

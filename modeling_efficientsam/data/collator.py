@@ -15,6 +15,8 @@ least 1, at most 6):
 * ``original_sizes`` (B, 2) int64 (H, W)
 * ``image_ids`` (B,) int64
 * ``full_resolution_labels``: list of B bool tensors (Q_i, H_i, W_i), only when items carry them
+* ``has_mask`` (B, Q) bool, only when items carry it (box-only data): False for queries without a
+  ground-truth mask (their ground-truth loss terms are masked out) and for padding
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from ..modeling_efficientsam import LABEL_PADDING
 
 _PER_QUERY = ("input_points", "input_labels", "labels", "category_ids")
-_HANDLED = set(_PER_QUERY) | {"original_size", "image_id", "full_resolution_labels"}
+_HANDLED = set(_PER_QUERY) | {"original_size", "image_id", "full_resolution_labels", "has_mask"}
 
 
 class EfficientSamCollator:
@@ -64,6 +66,11 @@ class EfficientSamCollator:
             "original_sizes": torch.stack([item["original_size"] for item in items]).to(torch.int64),
             "image_ids": torch.stack([item["image_id"] for item in items]).to(torch.int64),
         }
+        if "has_mask" in keys:  # box-only data (data/box_only.py): False where a query has no ground-truth mask
+            has_mask = torch.zeros((batch_size, num_queries), dtype=torch.bool)
+            for b, item in enumerate(items):
+                has_mask[b, : item["has_mask"].shape[0]] = item["has_mask"]
+            batch["has_mask"] = has_mask
         for key in sorted(keys - _HANDLED):  # pixel_values, image_embeddings, teacher_image_embeddings, ...
             batch[key] = torch.stack([item[key] for item in items])
         if "full_resolution_labels" in keys:

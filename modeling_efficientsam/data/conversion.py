@@ -17,7 +17,9 @@ Schema of every split (also in data/README.md):
 
 The ClassLabel names are the categories of all splits sorted by COCO id; the id list is stored
 per object (``category_id``) and in ``dataset.info.description`` (JSON, read it with
-:func:`conversion_metadata`).
+:func:`conversion_metadata`). The description does not survive the Hub's Parquet format; there the
+same metadata travels as ``coco_categories.json`` beside the data and
+:func:`~modeling_efficientsam.data.hub_format.load_prepared_dataset` puts it back (see hub_format.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import datasets
 
 from ..file_utils import staged_directory
 from .coco import CocoValidationError, coco_error, read_coco_json
+from .box_only import load_box_only_split
 from .coco_cleaning import load_coco_split
 from .fingerprint import CACHE_FORMAT_VERSION, conversion_fingerprint
 from .image_files import encode_for_storage, resolve_image
@@ -72,6 +75,11 @@ def conversion_metadata(dataset: datasets.Dataset) -> dict:
         return json.loads(dataset.info.description or "{}")[_METADATA_KEY]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError("this dataset was not written by modeling_efficientsam.data (no conversion metadata in its description)") from None
+
+
+def set_conversion_metadata(dataset: datasets.Dataset, metadata: dict) -> None:
+    """Store ``metadata`` (the dict :func:`conversion_metadata` returns) in ``dataset.info.description``."""
+    dataset.info.description = json.dumps({_METADATA_KEY: dict(metadata)})
 
 
 def category_names(split: datasets.Dataset) -> list:
@@ -172,11 +180,24 @@ def _check_replaceable(target: str) -> None:
         )
 
 
+def _options(strict, box_mask_iou_threshold, box_only_splits, splits) -> dict:
+    """The conversion options (part of the fingerprint); ``box_only_splits`` only when there are some."""
+    options = {"strict": bool(strict), "box_mask_iou_threshold": float(box_mask_iou_threshold)}
+    box_only = sorted(set(box_only_splits or ()))
+    unknown = [name for name in box_only if name not in splits]
+    if unknown:
+        raise ValueError(f"box_only_splits {unknown} are not among the splits {sorted(splits)}")
+    if box_only:
+        options["box_only_splits"] = box_only
+    return options
+
+
 def prepare_coco_dataset(
     splits: dict,
     output_dir: str | os.PathLike,
     strict: bool = False,
     box_mask_iou_threshold: float = 0.5,
+    box_only_splits: tuple = (),
 ) -> datasets.DatasetDict:
     """Convert COCO splits and save them, with ``report.json``, to ``output_dir``.
 
@@ -187,6 +208,9 @@ def prepare_coco_dataset(
         strict: turn every repair or drop into a :class:`CocoValidationError`.
         box_mask_iou_threshold: annotations whose box has a lower IoU with the mask's tight box are
             dropped (the original guide's ``iou_threshold``).
+        box_only_splits: names of splits read for their boxes only (objects get empty masks; see
+            :func:`~.box_only.load_box_only_split`), for teacher-supervised distillation. Every other
+            split is validated in full.
 
     Returns the saved DatasetDict, memory-mapped from ``output_dir``. Fatal problems raise
     :class:`CocoValidationError` before anything is written.
@@ -194,11 +218,12 @@ def prepare_coco_dataset(
     splits = _normalise_splits(splits)
     output_dir = os.path.abspath(os.fspath(output_dir))
     _check_replaceable(output_dir)  # fail before converting, not after
-    options = {"strict": bool(strict), "box_mask_iou_threshold": float(box_mask_iou_threshold)}
+    options = _options(strict, box_mask_iou_threshold, box_only_splits, splits)
 
     loaded = {name: read_coco_json(annotations) for name, (annotations, _) in splits.items()}
     parsed = {
-        name: load_coco_split(annotations, images_dir, strict, box_mask_iou_threshold, data=loaded[name])
+        name: load_box_only_split(annotations, images_dir, data=loaded[name]) if name in options.get("box_only_splits", ())
+        else load_coco_split(annotations, images_dir, strict, box_mask_iou_threshold, data=loaded[name])
         for name, (annotations, images_dir) in splits.items()
     }
     for name, split in parsed.items():
@@ -218,10 +243,8 @@ def prepare_coco_dataset(
         options, fingerprint, categories,
     )
     features = coco_features(list(categories.values()))
-    description = json.dumps(
-        {_METADATA_KEY: {"format_version": CACHE_FORMAT_VERSION, "coco_category_ids": list(categories),
-                         "category_names": list(categories.values()), "fingerprint": fingerprint}}
-    )
+    metadata = {"format_version": CACHE_FORMAT_VERSION, "coco_category_ids": list(categories),
+                "category_names": list(categories.values()), "fingerprint": fingerprint}
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
@@ -230,7 +253,7 @@ def prepare_coco_dataset(
         built = {}
         for name, split in parsed.items():
             dataset = _generate_split(name, split, resolved[name], class_index, features, work, f"{fingerprint}-{name}")
-            dataset.info.description = description
+            set_conversion_metadata(dataset, metadata)
             built[name] = dataset
         datasets.DatasetDict(built).save_to_disk(str(staged))
         write_report(report, staged)
@@ -246,6 +269,7 @@ def load_or_prepare(
     strict: bool = False,
     box_mask_iou_threshold: float = 0.5,
     force: bool = False,
+    box_only_splits: tuple = (),
 ) -> datasets.DatasetDict:
     """Load ``output_dir`` if it holds a conversion of exactly these inputs and options, else convert.
 
@@ -255,7 +279,7 @@ def load_or_prepare(
     main process first (``accelerator.main_process_first()``) so only one of them converts.
     """
     splits = _normalise_splits(splits)
-    options = {"strict": bool(strict), "box_mask_iou_threshold": float(box_mask_iou_threshold)}
+    options = _options(strict, box_mask_iou_threshold, box_only_splits, splits)
     report = None if force else read_report(output_dir)
     if report is not None:
         current = conversion_fingerprint(splits, options)
@@ -269,5 +293,6 @@ def load_or_prepare(
                 return dataset
         else:
             logger.info("inputs changed since %s was prepared; converting again", output_dir)
-    return prepare_coco_dataset(splits, output_dir, strict=strict, box_mask_iou_threshold=box_mask_iou_threshold)
+    return prepare_coco_dataset(splits, output_dir, strict=strict, box_mask_iou_threshold=box_mask_iou_threshold,
+                                box_only_splits=box_only_splits)
 

@@ -99,8 +99,9 @@ class DemoHandlers:
         pictures = [session.render_overlay(name, chosen) for name in self.names]
         return pictures + [self._table(session, candidate)]
 
-    def _skip(self, gr, count: int) -> list:
-        return [gr.skip() for _ in range(count)]
+    def _unchanged(self) -> list:
+        """Leave every overlay and the table as they are (after an error)."""
+        return [gr.skip() for _ in range(len(self.names) + 1)]
 
     def on_image(self, image, candidate, session):
         """A new image (upload, example, paste) -> encode it once per model."""
@@ -125,26 +126,26 @@ class DemoHandlers:
     def on_segment(self, text, candidate, session):
         _import_gradio()
         if not isinstance(session, DemoSession) or session.image is None:
-            return [session, gr.skip()] + self._skip(gr, len(self.names) + 1) + ["Upload an image first."]
+            return [session, gr.skip()] + self._unchanged() + ["Upload an image first."]
         try:
             session.set_prompts(parse_prompts(text))
             session.pending_corner = None
             view, message = self._decode(session, candidate, f"{len(session.prompts)} object(s)")
         except (ValueError, RuntimeError) as error:
-            return [session, gr.skip()] + self._skip(gr, len(self.names) + 1) + [f"**Error:** {error}"]
+            return [session, gr.skip()] + self._unchanged() + [f"**Error:** {error}"]
         return [session, text] + view + [message]
 
     def on_click(self, text, mode, candidate, session, x: float, y: float):
         _import_gradio()
         if not isinstance(session, DemoSession) or session.image is None:
-            return [session, gr.skip()] + self._skip(gr, len(self.names) + 1) + ["Upload an image first."]
+            return [session, gr.skip()] + self._unchanged() + ["Upload an image first."]
         try:
             session.set_prompts(parse_prompts(text))  # keep what was typed since the last click
             what = session.click(x, y, mode or "box")
             view, message = self._decode(session, candidate, what)
         except (ValueError, RuntimeError) as error:
             session.pending_corner = None
-            return [session, gr.skip()] + self._skip(gr, len(self.names) + 1) + [f"**Error:** {error}"]
+            return [session, gr.skip()] + self._unchanged() + [f"**Error:** {error}"]
         return [session, session_text(session)] + view + [message]
 
     def on_candidate(self, candidate, session):
@@ -243,7 +244,8 @@ def load_predictors(specs: Sequence[str], args: argparse.Namespace) -> dict:
         try:
             predictors[label] = load_predictor(path, args)
         except (OSError, ValueError) as error:
-            where = "the folder exists" if Path(path).is_dir() else "there is no such folder here, so it was read as a Hub id"
+            where = ("the folder exists" if Path(path).is_dir()
+                     else "there is no such folder here, so it was read as a Hub id")
             raise type(error)(f"cannot load model {label!r} from {path!r} ({where}): {error}") from error
     return predictors
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..file_utils import save_image_atomic, write_json_atomic
@@ -333,7 +332,8 @@ class DemoSession:
         if key not in self._full_masks:
             logits = self._decoded[name][prompt][1][candidate]
             processor = self.predictors[name].processor
-            self._full_masks[key] = processor.post_process_masks(logits[None, None, None], [self.image_size])[0][0, 0].numpy()
+            resized = processor.post_process_masks(logits[None, None, None], [self.image_size])[0]
+            self._full_masks[key] = resized[0, 0].numpy()
         return self._full_masks[key]
 
     def selection(self, name: str, candidate: Optional[int] = None) -> MaskSelection:
@@ -390,7 +390,8 @@ class DemoSession:
         return headers, rows
 
     # -- downloads --------------------------------------------------------------------------------
-    def export_png(self, directory: os.PathLike, candidate: Optional[int] = None, names: Optional[Sequence[str]] = None) -> list:
+    def export_png(self, directory: os.PathLike, candidate: Optional[int] = None,
+                   names: Optional[Sequence[str]] = None) -> list:
         """Write one black-and-white PNG per object and model (white = the mask) into ``directory``;
         returns the paths. Files are named ``<model>_object<k>.png`` (k from 1)."""
         self._require_image()

@@ -2,8 +2,9 @@
 
 Usage (console script ``efficientsam-evaluate``, or ``python -m modeling_efficientsam.inference.evaluate_cli``)::
 
-    # a dataset prepared with data/prepare_dataset.py
+    # a dataset prepared with data/prepare_dataset.py (its folder, its Hub-format copy, or its Hub id)
     efficientsam-evaluate --model outputs/vitt-pcb --dataset outputs/pcb_dataset --split validation
+    efficientsam-evaluate --model outputs/vitt-pcb --dataset your-name/pcb-components [--dataset_revision main]
 
     # a COCO annotations file (images beside it, or --images_dir), converted in a temporary folder;
     # released vs fine-tuned vs distilled in one table, with 10% box noise
@@ -17,6 +18,12 @@ Reported per model: mIoU (instance-averaged), mean category IoU, per-category Io
 in ``modeling_efficientsam/inference/evaluation.py``: every non-crowd object is prompted with its
 (optionally jittered, seeded) ground-truth box, identically for every model. ``--output`` gets the
 table as JSON (written under a temporary name, then renamed).
+
+Prompt dependence: each object is also prompted with a wrong box (another object's box in the same
+image, or its own box moved off it when it is alone); the table shows the mIoU of those answers
+against the object's own mask and the gap to the own-box mIoU. A small gap (below
+``--min_prompt_gap``) means the model returns the same mask whatever box it gets: a warning says so.
+``--no_prompt_check`` skips it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = build_cli_parser("efficientsam-evaluate", "Evaluate EfficientSAM models with ground-truth boxes as prompts.", __doc__)
     parser.add_argument("--model", required=True, help="model folder or Hub id ([LABEL=]PATH)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="MODEL", help="more models for the same table")
-    parser.add_argument("--dataset", required=True, help="prepared DatasetDict folder, or a COCO annotations JSON")
+    parser.add_argument("--dataset", required=True,
+                        help="prepared dataset (folder, Hub-format copy, or Hub dataset id), or a COCO annotations JSON")
+    parser.add_argument("--dataset_revision", help="Hub revision (branch, tag or commit) of a Hub dataset id")
     parser.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
     parser.add_argument("--images_dir", help="images folder of a COCO JSON (default: the JSON's folder)")
     parser.add_argument("--box_noise_scale", type=float, default=0.0,
@@ -49,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--boundary_tolerance", type=int, default=2, help="boundary F-score tolerance in pixels")
     parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--no_prompt_check", action="store_true",
+                        help="skip the wrong-box check of prompt dependence (halves the decoder work)")
+    parser.add_argument("--min_prompt_gap", type=float, default=0.1,
+                        help="warn when own-box mIoU minus wrong-box mIoU is below this (default 0.1)")
     add_predictor_arguments(parser)
     return parser
 
@@ -72,10 +85,9 @@ def model_labels(specs: list) -> list:
     return [tuple(entry) for entry in parsed]
 
 
-def load_split(dataset: str, split: str, images_dir, stack: contextlib.ExitStack):
-    """The split to evaluate, from a prepared dataset folder or a COCO JSON converted in a temporary folder."""
-    import datasets
-
+def load_split(dataset: str, split: str, images_dir, stack: contextlib.ExitStack, revision=None):
+    """The split to evaluate: a prepared dataset (folder, Hub-format copy or Hub id, through
+    ``load_prepared_dataset``) or a COCO JSON converted in a temporary folder."""
     path = Path(dataset)
     if path.is_file():
         from ..data import format_report, prepare_coco_dataset, read_report
@@ -87,16 +99,14 @@ def load_split(dataset: str, split: str, images_dir, stack: contextlib.ExitStack
         if report is not None:
             print(format_report(report))
         return prepared[split]
-    if not path.is_dir():
-        raise FileNotFoundError(f"--dataset {dataset}: no such file or folder")
     if images_dir:
         raise ValueError("--images_dir is for a COCO JSON; a prepared dataset holds its images")
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"--split {split!r} is not in {dataset}; it has {sorted(loaded)}")
-        return loaded[split]
-    return loaded
+    from ..data import load_prepared_dataset
+
+    loaded = load_prepared_dataset(dataset, revision=revision)  # FileNotFoundError: neither a folder nor a Hub dataset
+    if split not in loaded:
+        raise ValueError(f"--split {split!r} is not in {dataset}; it has {sorted(loaded)}")
+    return loaded[split]
 
 
 def _format(value, percent: bool = True) -> str:
@@ -116,6 +126,9 @@ def table_rows(results: dict) -> list:
         ("F1", [results[m]["f1"] for m in models]),
         ("boundary F1", [results[m]["boundary_f1"] for m in models]),
     ]
+    if all("prompt_dependence" in results[m] for m in models):
+        rows += [("mIoU, wrong box", [results[m]["prompt_dependence"]["wrong_box_miou"] for m in models]),
+                 ("prompt gap", [results[m]["prompt_dependence"]["prompt_gap"] for m in models])]
     rows += [(f"mask {name}", [results[m]["coco"][name] for m in models]) for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     categories = []
     for m in models:
@@ -140,15 +153,17 @@ def format_table(results: dict) -> str:
 
 def run(args) -> dict:
     from ..data import dataset_categories
-    from .evaluation import coco_ground_truth, evaluate_predictor, make_prompts
+    from ..metrics.prompt_dependence import prompt_dependence_warning
+    from .evaluation import coco_ground_truth, evaluate_predictor, make_prompts, make_wrong_prompts
 
     models = model_labels([args.model] + list(args.compare))
     with contextlib.ExitStack() as stack:
-        split = load_split(args.dataset, args.split, args.images_dir, stack)
+        split = load_split(args.dataset, args.split, args.images_dir, stack, revision=args.dataset_revision)
         if args.max_images is not None:
             split = split.select(range(min(args.max_images, len(split))))
         category_ids, category_names = dataset_categories(split)
         prompts = make_prompts(split, args.box_noise_scale, args.seed)
+        wrong_prompts = None if getattr(args, "no_prompt_check", False) else make_wrong_prompts(split, prompts)
         coco_gt = coco_ground_truth(split, category_ids, category_names)
         results = {}
         for label, path in models:
@@ -158,7 +173,12 @@ def run(args) -> dict:
                 predictor, split, prompts, coco_gt, category_ids=category_ids, category_names=category_names,
                 batch_size=args.batch_size, boundary_tolerance=args.boundary_tolerance,
                 multimask_output=not args.single_mask, progress=not args.no_progress,
+                wrong_prompts=wrong_prompts, min_prompt_gap=getattr(args, "min_prompt_gap", 0.1),
             )
+            if "prompt_dependence" in metrics:
+                message = prompt_dependence_warning(metrics["prompt_dependence"], where=f"model {label}")
+                if message is not None:
+                    print(f"WARNING: {message}", file=sys.stderr)
             results[label] = {"model": path, **metrics}
             del predictor
     return {

@@ -18,6 +18,13 @@ Protocol (the same for every model of one run, so their numbers compare):
   on the same predictions, labelled with the prompted object's category. ``maxDets`` is raised to
   the largest number of prompts in an image so no prediction is cut off. Ground-truth annotation ids
   are renumbered from 1 for COCOeval, which treats id 0 as "unmatched".
+* Prompt dependence (:mod:`modeling_efficientsam.metrics.prompt_dependence`): with
+  ``wrong_prompts`` (:func:`make_wrong_prompts`), every object is also prompted with a wrong box
+  (another object's ground-truth box in the same image, or its own box moved off it when it is the
+  image's only object), in the same predictor call as its own box (one encoder pass per image). The
+  answer is scored against the object's own mask: ``prompt_dependence`` holds ``own_box_miou``,
+  ``wrong_box_miou``, ``prompt_gap`` and ``ignores_prompt`` (gap below the threshold). The other
+  metrics use the own-box answers only.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import torch
 
 from ..data.masks import decode_rle
 from ..data.prompts import jitter_box
-from ..metrics import STATISTIC_NAMES, aggregate_segmentation_metrics, segmentation_statistics
+from ..metrics import STATISTIC_NAMES, aggregate_segmentation_metrics, instance_metrics_from_statistics, segmentation_statistics
+from ..metrics.prompt_dependence import DEFAULT_MIN_PROMPT_GAP, prompt_dependence_summary, wrong_boxes
 from .results import result_record
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -62,6 +70,18 @@ def make_prompts(split, box_noise_scale: float = 0.0, seed: int = 0) -> list:
             boxes.append(jitter_box(obj["box"], row["width"], row["height"], box_noise_scale, rng))
         prompts.append(ImagePrompts(indices, np.array(boxes, dtype=np.float64).reshape(-1, 4)))
     return prompts
+
+
+def make_wrong_prompts(split, prompts: list) -> list:
+    """The wrong box of every prompt of :func:`make_prompts` (see
+    :func:`~modeling_efficientsam.metrics.prompt_dependence.wrong_boxes`), from the ground-truth
+    boxes of the same image; same object indices, so the answers are scored against the same masks."""
+    columns = split.select_columns(["objects", "width", "height"])
+    wrong = []
+    for row, image_prompts in zip(columns, prompts):
+        truth = np.array([row["objects"][i]["box"] for i in image_prompts.object_indices], dtype=np.float64).reshape(-1, 4)
+        wrong.append(ImagePrompts(list(image_prompts.object_indices), wrong_boxes(truth, row["width"], row["height"])))
+    return wrong
 
 
 def coco_ground_truth(split, category_ids: list, category_names: list):
@@ -131,17 +151,23 @@ def evaluate_predictor(
     boundary_tolerance: int = 2,
     multimask_output: bool = True,
     progress: bool = True,
+    wrong_prompts: list = None,
+    min_prompt_gap: float = DEFAULT_MIN_PROMPT_GAP,
 ) -> dict:
     """Run ``predictor`` on every row of ``split`` with ``prompts`` and compute all metrics.
 
     ``predictor`` needs ``predict_batch(images, boxes_per_image, box_format=, normalized=,
     multimask_output=, batch_size=)`` returning, per image, an object with ``masks`` ((n, H, W) bool)
     and ``scores`` ((n,)), like :class:`~modeling_efficientsam.inference.EfficientSamPredictor`.
+    With ``wrong_prompts`` (:func:`make_wrong_prompts`) the result also has ``prompt_dependence``.
     """
     from tqdm.auto import tqdm
 
     if len(prompts) != len(split):
         raise ValueError(f"{len(prompts)} prompt lists for {len(split)} images")
+    if wrong_prompts is not None and [len(p.boxes) for p in wrong_prompts] != [len(p.boxes) for p in prompts]:
+        raise ValueError("wrong_prompts must hold one wrong box per prompt (see make_wrong_prompts)")
+    wrong_iou = []
     id2label = dict(zip(category_ids, category_names))
     counts = {name: [] for name in STATISTIC_NAMES}
     categories, results = [], []
@@ -154,7 +180,9 @@ def evaluate_predictor(
         if wanted:
             predictions = predictor.predict_batch(
                 [np.array(rows["image"][offset].convert("RGB")) for offset in wanted],
-                [prompts[start + offset].boxes for offset in wanted],
+                [prompts[start + offset].boxes if wrong_prompts is None
+                 else np.concatenate([prompts[start + offset].boxes, wrong_prompts[start + offset].boxes])
+                 for offset in wanted],
                 box_format="xyxy", normalized=False, multimask_output=multimask_output, batch_size=batch_size,
             )
         for offset, prediction in zip(wanted, predictions):
@@ -163,16 +191,23 @@ def evaluate_predictor(
             chosen = [objects[position] for position in image_prompts.object_indices]
             height, width = int(rows["height"][offset]), int(rows["width"][offset])
             pred = torch.as_tensor(prediction.masks).bool()
+            scores = torch.as_tensor(prediction.scores).tolist()
+            target = torch.from_numpy(np.stack([decode_rle(obj["mask"]) for obj in chosen]))
+            if wrong_prompts is not None:
+                pred, wrong_pred, scores = pred[: len(chosen)], pred[len(chosen):], scores[: len(chosen)]
+                if tuple(wrong_pred.shape) != tuple(target.shape):
+                    raise ValueError(f"image id {rows['image_id'][offset]}: predicted wrong-box masks "
+                                     f"{tuple(wrong_pred.shape)}, expected {tuple(target.shape)}")
+                wrong_stats = segmentation_statistics(wrong_pred, target, boundary_tolerance=0)
+                wrong_iou.append(instance_metrics_from_statistics(wrong_stats)["iou"])
             if tuple(pred.shape) != (len(chosen), height, width):
                 raise ValueError(
                     f"image id {rows['image_id'][offset]}: predicted masks {tuple(pred.shape)}, expected "
                     f"{(len(chosen), height, width)}"
                 )
-            target = torch.from_numpy(np.stack([decode_rle(obj["mask"]) for obj in chosen]))
             stats = segmentation_statistics(pred, target, boundary_tolerance=boundary_tolerance)
             for name in STATISTIC_NAMES:
                 counts[name].append(stats[name])
-            scores = torch.as_tensor(prediction.scores).tolist()
             for obj, mask, score in zip(chosen, pred.numpy(), scores):
                 categories.append(int(obj["category_id"]))
                 results.append(result_record(mask, rows["image_id"][offset], obj["category_id"], score, with_bbox=False))
@@ -183,6 +218,9 @@ def evaluate_predictor(
     metrics = aggregate_segmentation_metrics(counts, category_ids=categories, id2label=id2label)
     max_per_image = max((len(p.boxes) for p in prompts), default=0)
     metrics["coco"] = coco_mask_ap(coco_gt, results, max_detections=max_per_image)
+    if wrong_prompts is not None:
+        wrong_miou = float(np.mean(np.concatenate(wrong_iou))) if wrong_iou else float("nan")
+        metrics["prompt_dependence"] = prompt_dependence_summary(metrics["mean_iou"], wrong_miou, min_prompt_gap)
     metrics["num_images"] = len(split)
     metrics["seconds"] = round(seconds, 3)
     metrics["images_per_second"] = round(len(split) / seconds, 4) if seconds > 0 else None
@@ -196,4 +234,5 @@ __all__ = [
     "coco_mask_ap",
     "evaluate_predictor",
     "make_prompts",
+    "make_wrong_prompts",
 ]

@@ -136,8 +136,13 @@ class DataArguments:
 
     dataset_path: Optional[str] = field(
         default=None,
-        metadata={"help": "A dataset folder written by data/prepare_dataset.py (prepare_coco_dataset). Alternative to the *_annotations / *_images fields."},
+        metadata={"help": "A dataset folder written by data/prepare_dataset.py (prepare_coco_dataset), or its Hub-format copy (--hub_format_dir). Alternative to dataset_name and the *_annotations / *_images fields."},
     )
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "A prepared dataset on the Hub (e.g. your-name/pcb-components, pushed with data/prepare_dataset.py --push_to_hub), loaded with datasets.load_dataset; its COCO category ids come from its coco_categories.json. Alternative to dataset_path and the *_annotations / *_images fields."},
+    )
+    dataset_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of dataset_name."})
     train_annotations: Optional[str] = field(default=None, metadata={"help": "COCO JSON of the training split."})
     train_images: Optional[str] = field(default=None, metadata={"help": "Image folder of the training split."})
     validation_annotations: Optional[str] = field(default=None, metadata={"help": "COCO JSON of the validation split."})
@@ -178,18 +183,20 @@ class DataArguments:
     num_overlay_images: int = field(default=4, metadata={"help": "Validation images drawn as TensorBoard overlays at each evaluation (0 disables)."})
 
     def __post_init__(self):
-        for name in ("dataset_path", "train_annotations", "train_images", "validation_annotations", "validation_images",
+        for name in ("dataset_path", "dataset_name", "dataset_revision", "train_annotations", "train_images", "validation_annotations", "validation_images",
                      "prepared_dataset_dir", "embedding_cache_dir"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)  # `--dataset_path none` switches a recipe to COCO files
         files = [self.train_annotations, self.train_images, self.validation_annotations, self.validation_images]
-        if self.dataset_path is not None:
-            _check(all(f is None for f in files), "give dataset_path or the COCO files (train_annotations, ...), not both")
-        else:
+        sources = [name for name, given in (("dataset_name", self.dataset_name is not None), ("dataset_path", self.dataset_path is not None),
+                                            ("the COCO files (train_annotations, ...)", any(f is not None for f in files))) if given]
+        _check(len(sources) <= 1, f"give one source of data, not {' and '.join(sources)}")
+        _check(self.dataset_revision is None or self.dataset_name is not None, "dataset_revision goes with dataset_name")
+        if self.dataset_path is None and self.dataset_name is None:
             _check(
                 self.train_annotations is not None and self.train_images is not None,
-                "no data: give dataset_path (a prepared folder) or train_annotations + train_images "
+                "no data: give dataset_name (a Hub dataset), dataset_path (a prepared folder) or train_annotations + train_images "
                 "(and validation_annotations + validation_images)",
             )
             _check((self.validation_annotations is None) == (self.validation_images is None),

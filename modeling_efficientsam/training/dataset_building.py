@@ -1,7 +1,8 @@
 """The datasets of a training run, from ``DataArguments``.
 
-* :func:`prepare_dataset`: the prepared ``datasets`` folder, or the recipe's COCO files converted
-  once (and reused while they are unchanged), main process first.
+* :func:`prepare_dataset`: the prepared dataset (a folder, a Hub-format copy or a Hub dataset, all
+  through :func:`~modeling_efficientsam.data.load_prepared_dataset`), or the recipe's COCO files
+  converted once (and reused while they are unchanged), main process first.
 * :func:`build_datasets`: the training dataset (random objects and jittered prompts per epoch) and
   the evaluation dataset (every object, box prompts without jitter), reading cached image embeddings
   (student's and teacher's, see :func:`build_embedding_readers`) when asked.
@@ -12,21 +13,23 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..data import category_names  # noqa: F401  (re-exported for train.py)
 
 __all__ = ["build_datasets", "build_embedding_readers", "category_names", "dataset_summary", "prepare_dataset"]
 
 
-def prepare_dataset(data_args, training_args) -> Tuple[object, str]:
-    """(DatasetDict, its folder): the prepared folder, or the COCO files converted (and reused while unchanged)."""
-    import datasets
+def prepare_dataset(data_args, training_args) -> Tuple[object, Optional[str]]:
+    """(DatasetDict, its save_to_disk folder or None): ``dataset_name`` / ``dataset_path`` loaded, or the COCO
+    files converted (and reused while unchanged). The folder is None for a Hub dataset or a Hub-format copy."""
+    from ..data import is_saved_dataset_folder, load_or_prepare, load_prepared_dataset
 
-    from ..data import load_or_prepare
-
-    if data_args.dataset_path is not None:
-        return datasets.load_from_disk(data_args.dataset_path), data_args.dataset_path
+    source = data_args.dataset_name or data_args.dataset_path
+    if source is not None:
+        with training_args.main_process_first(desc="loading the dataset"):  # a Hub download happens once
+            dataset = load_prepared_dataset(source, revision=data_args.dataset_revision)
+        return dataset, (source if os.path.isdir(source) and is_saved_dataset_folder(source) else None)
     splits = {data_args.train_split: (data_args.train_annotations, data_args.train_images)}
     if data_args.validation_annotations is not None:
         splits[data_args.validation_split] = (data_args.validation_annotations, data_args.validation_images)
@@ -38,15 +41,23 @@ def prepare_dataset(data_args, training_args) -> Tuple[object, str]:
 
 
 def build_embedding_readers(dataset_folder, splits, student, teacher, data_args, training_args) -> Dict[str, object]:
-    """{split: reader} over the student's (and teacher's) cached embeddings, built once (main process first)."""
+    """{split: reader} over the student's (and teacher's) cached embeddings, built once (main process first).
+
+    ``dataset_folder``: the save_to_disk folder (caches default to ``<folder>/embeddings``), or the
+    DatasetDict itself when it has none (a Hub dataset: caches default to ``<output_dir>/embeddings``).
+    """
     from ..data.embedding_cache import EmbeddingCacheReader, build_embedding_cache, open_embedding_cache
 
+    cache_root = data_args.embedding_cache_dir
+    if cache_root is None and not isinstance(dataset_folder, (str, os.PathLike)):
+        cache_root = os.path.join(training_args.output_dir, "embeddings")
     caches = []
     for model in [student] + ([teacher] if teacher is not None else []):
         with training_args.main_process_first(desc="caching image embeddings"):
-            kwargs = dict(dtype=data_args.embedding_cache_dtype, splits=splits, cache_root=data_args.embedding_cache_dir)
+            kwargs = dict(dtype=data_args.embedding_cache_dtype, splits=splits, cache_root=cache_root)
             if training_args.local_process_index == 0:  # computes (or reuses) the cache; the others then open it
-                cache = build_embedding_cache(dataset_folder, model, device=training_args.device, **kwargs)
+                cache = build_embedding_cache(dataset_folder, model, device=training_args.device,
+                                              progress=not training_args.disable_tqdm, **kwargs)
             else:
                 cache = open_embedding_cache(dataset_folder, model, **kwargs)
         caches.append(cache)
@@ -65,7 +76,8 @@ def build_datasets(dataset, dataset_folder, data_args, training_args, student, t
         raise ValueError(f"the dataset has no split {data_args.train_split!r} (has {list(dataset)})")
     has_validation = data_args.validation_split in dataset
     splits = [data_args.train_split] + ([data_args.validation_split] if has_validation else [])
-    readers = build_embedding_readers(dataset_folder, splits, student, teacher, data_args, training_args) if use_cache else {}
+    source = dataset_folder if dataset_folder is not None else dataset
+    readers = build_embedding_readers(source, splits, student, teacher, data_args, training_args) if use_cache else {}
 
     train_split = dataset[data_args.train_split]
     if data_args.max_train_samples is not None:
@@ -91,16 +103,21 @@ def build_datasets(dataset, dataset_folder, data_args, training_args, student, t
 
 
 def dataset_summary(dataset, data_args) -> dict:
-    """Name, per-split image and object counts, and categories of the run's data (for the model card)."""
+    """Name, per-split image and object counts, categories, evaluation split and, for a Hub dataset, its id
+    and revision (``hub_id``, ``revision``) of the run's data (for the model card)."""
     splits = {}
     for name, split in dataset.items():
         splits[name] = {"images": len(split), "instances": int(sum(len(o) for o in split["objects"]))}
-    if data_args.dataset_path is not None:
-        root = os.path.abspath(data_args.dataset_path)
+    extra = {"evaluation_split": data_args.validation_split} if data_args.validation_split in dataset else {}
+    if data_args.dataset_name is not None and not os.path.isdir(data_args.dataset_name):
+        return {"name": data_args.dataset_name, "hub_id": data_args.dataset_name, "revision": data_args.dataset_revision,
+                "splits": splits, "categories": category_names(dataset[data_args.train_split]), **extra}
+    if (data_args.dataset_name or data_args.dataset_path) is not None:
+        root = os.path.abspath(data_args.dataset_name or data_args.dataset_path)
     else:  # the folder holding the splits, e.g. data/pcb for data/pcb/{train,valid}/...
         files = [data_args.train_annotations] + ([data_args.validation_annotations] if data_args.validation_annotations else [])
         root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
         if len(files) == 1:
             root = os.path.dirname(root)
     return {"name": os.path.basename(root) or "custom",
-            "splits": splits, "categories": category_names(dataset[data_args.train_split])}
+            "splits": splits, "categories": category_names(dataset[data_args.train_split]), **extra}

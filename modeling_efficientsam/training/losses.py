@@ -203,15 +203,22 @@ def step_normalizers(
 
     Returns:
         ``{"num_queries": N_q, "num_images": N_img}``, int64 scalars: the ``num_queries`` (and
-        ``num_images``) to give every loss of the step (see the module docstring).
+        ``num_images``) to give every loss of the step (see the module docstring). When a batch
+        carries ``has_mask`` (box-only data), also ``num_labelled_queries``: the real queries with a
+        ground-truth mask, the normalizer of the ground-truth terms.
     """
-    counts = torch.tensor(
-        [sum(int(batch["query_mask"].sum()) for batch in batches), sum(int(batch["query_mask"].shape[0]) for batch in batches)],
-        dtype=torch.int64, device=device,
-    )
+    labelled = any("has_mask" in batch for batch in batches)
+    values = [sum(int(batch["query_mask"].sum()) for batch in batches), sum(int(batch["query_mask"].shape[0]) for batch in batches)]
+    if labelled:
+        values.append(sum(int((batch["query_mask"] & batch["has_mask"]).sum()) if "has_mask" in batch
+                          else int(batch["query_mask"].sum()) for batch in batches))
+    counts = torch.tensor(values, dtype=torch.int64, device=device)
     if all_reduce_sum is not None:
         counts = all_reduce_sum(counts)
-    return {"num_queries": counts[0], "num_images": counts[1]}
+    out = {"num_queries": counts[0], "num_images": counts[1]}
+    if labelled:
+        out["num_labelled_queries"] = counts[2]
+    return out
 
 
 def segmentation_loss(

@@ -3,28 +3,54 @@
 It states what the model is (base model, teacher), the recipe (every argument that differs from its
 default), the data (splits, images, instances, categories), the validation metrics before and after
 fine-tuning, and code that loads the model and segments boxes.
+
+The YAML metadata is ``huggingface_hub.ModelCardData``: ``library_name``, ``pipeline_tag:
+mask-generation``, license, tags, ``base_model`` (only a Hub model id: a local folder is named in the
+text, not in the metadata; ``owner/repo/file.pt``, an original checkpoint on the Hub, names
+``owner/repo``), ``datasets`` (when the run trained on a Hub dataset) and a ``model-index`` with one
+``EvalResult`` per reported validation metric of the fine-tuned model (mIoU, category mIoU, F1,
+boundary F, mask AP when measured, and the IoU of each category). Each result names the task
+(``mask-generation``, box-prompted), the split and the dataset: its Hub id as ``type`` when it came from
+the Hub, else the local folder's name with ``type: local`` (the data is not on the Hub, so there is no
+dataset id to give).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
 from .evaluation import final_metrics, load_initial_metrics
+from .model_building import ORIGINAL_CHECKPOINT_SUFFIXES
 from ..file_utils import write_bytes_atomic
 from ..hub_usage import usage_snippet
 
-__all__ = ["build_model_card", "card_context", "non_default_arguments", "write_model_card"]
+__all__ = ["LOCAL_DATASET_TYPE", "build_model_card", "card_context", "eval_results", "hub_base_model",
+           "non_default_arguments", "write_model_card"]
 
+# (metric key, table label, model-index metric type, model-index metric name). The first four are always
+# in the table; the mask AP rows only when a run measured them.
 _METRIC_ROWS = (
-    ("eval_mean_iou", "mIoU (instance mean)"),
-    ("eval_mean_category_iou", "mIoU (category mean)"),
-    ("eval_f1", "F1 / Dice"),
-    ("eval_boundary_f1", "Boundary F-score"),
+    ("eval_mean_iou", "mIoU (instance mean)", "mean_iou", "mIoU (instance mean)"),
+    ("eval_mean_category_iou", "mIoU (category mean)", "mean_category_iou", "mIoU (category mean)"),
+    ("eval_f1", "F1 / Dice", "f1", "F1 (Dice)"),
+    ("eval_boundary_f1", "Boundary F-score", "boundary_f1", "Boundary F-score"),
 )
+_OPTIONAL_METRIC_ROWS = (
+    ("eval_ap", "mask AP", "mask_ap", "mask AP (COCO, IoU 0.50:0.95)"),
+    ("eval_ap50", "mask AP50", "mask_ap50", "mask AP50"),
+    ("eval_ap75", "mask AP75", "mask_ap75", "mask AP75"),
+)
+_CATEGORY_PREFIX = "eval_iou_"
+#: ``dataset.type`` of the model-index when the data is not a Hub dataset (there is no id to give).
+LOCAL_DATASET_TYPE = "local"
+TASK_TYPE = "mask-generation"
+TASK_NAME = "Box-prompted instance segmentation"
 # Arguments that only say where things are on one machine; they stay out of the card.
 _PRIVATE_FIELDS = {"output_dir", "logging_dir", "hub_token", "resume_from_checkpoint", "local_rank", "run_name",
                    "converted_models_dir", "prepared_dataset_dir", "embedding_cache_dir"}
@@ -66,18 +92,68 @@ def _format(value) -> str:
     return str(value)
 
 
-def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[str, Any]], mask_size: Optional[int] = None) -> str:
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> List[tuple]:
+    """(key, table label, metric type, metric name, config) of every metric the card reports."""
+    present = set(before) | set(after)
+    rows = [(key, label, kind, name, None) for key, label, kind, name in _METRIC_ROWS]
+    rows += [(key, label, kind, name, None) for key, label, kind, name in _OPTIONAL_METRIC_ROWS if key in present]
+    for key in sorted(k for k in present if k.startswith(_CATEGORY_PREFIX)):
+        category = key[len(_CATEGORY_PREFIX):]
+        rows.append((key, f"IoU: {category}", "iou", f"IoU ({category})", category))
+    return rows
+
+
+def hub_base_model(name: Optional[str]) -> Optional[str]:
+    """The Hub model id that ``name`` (a ``model_name_or_path``) stands for, or None for a local path.
+
+    ``owner/repo`` (not an existing local path) is itself; ``owner/repo/file.pt`` (an original checkpoint
+    on the Hub, converted by train.py) is ``owner/repo``; anything else (folders, absolute or relative
+    paths, URLs) is None, so the card's metadata never names a model the Hub does not have.
+    """
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or "://" in name or os.path.exists(name):
+        return None
+    parts = name.split("/")
+    if len(parts) < 2 or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", part) for part in parts[:2]):
+        return None
+    if len(parts) == 2:
+        return name
+    return "/".join(parts[:2]) if name.endswith(ORIGINAL_CHECKPOINT_SUFFIXES) else None
+
+
+def eval_results(metrics: Optional[Mapping[str, Any]], dataset_summary: Optional[Mapping[str, Any]] = None) -> list:
+    """One ``huggingface_hub.EvalResult`` per finite metric of ``metrics`` that the card reports."""
+    from huggingface_hub import EvalResult
+
+    metrics, summary = dict(metrics or {}), dict(dataset_summary or {})
+    hub_id = summary.get("hub_id")
+    dataset = dict(
+        dataset_type=hub_id or LOCAL_DATASET_TYPE,
+        dataset_name=hub_id or summary.get("name") or "local COCO-format data",
+        dataset_split=summary.get("evaluation_split", "validation"),
+        dataset_revision=summary.get("revision") if hub_id else None,
+    )
+    return [
+        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, metric_type=kind, metric_name=name, metric_config=config,
+                   metric_value=float(metrics[key]), **dataset)
+        for key, _, kind, name, config in _rows({}, metrics) if _finite(metrics.get(key))
+    ]
+
+
+def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[str, Any]], mask_size: Optional[int] = None,
+                   split: str = "validation") -> str:
     before, after = dict(before or {}), dict(after or {})
-    rows: List[tuple] = [(key, label) for key, label in _METRIC_ROWS]
-    categories = sorted({k for k in list(before) + list(after) if k.startswith("eval_iou_")})
-    rows += [(key, f"IoU: {key[len('eval_iou_'):]}") for key in categories]
-    lines = ["| Metric (validation) | Before fine-tuning | After fine-tuning |", "| --- | --- | --- |"]
+    rows: List[tuple] = [(key, label) for key, label, *_ in _rows(before, after)]
+    lines = [f"| Metric ({split}) | Before fine-tuning | After fine-tuning |", "| --- | --- | --- |"]
     for key, label in rows:
         lines.append(f"| {label} | {_format(before.get(key))} | {_format(after.get(key))} |")
     count = after.get("eval_num_instances", before.get("eval_num_instances"))
     if count is not None:
         size = f"{mask_size} x {mask_size} " if mask_size else ""
-        lines.append(f"\nMeasured on {count} validation objects, one box prompt each (no jitter), keeping the candidate "
+        lines.append(f"\nMeasured on {count} {split} objects, one box prompt each (no jitter), keeping the candidate "
                      f"mask with the highest predicted IoU, thresholded at 0 on the {size}low-resolution logits.")
     return "\n".join(lines)
 
@@ -98,27 +174,26 @@ def build_model_card(
     license: Optional[str] = "apache-2.0",
     mask_size: Optional[int] = None,
 ) -> str:
-    """Markdown text of the model card (YAML front matter first)."""
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": "mask-generation",
-        "tags": sorted(set(["efficientsam", "image-segmentation", "mask-generation", "box-prompts"] + list(tags or []))),
-    }
-    if license:
-        front["license"] = license
-    if base_model and not os.path.isabs(base_model) and not base_model.startswith("."):
-        front["base_model"] = base_model
-    if metrics_after and metrics_after.get("eval_mean_iou") is not None:
-        front["model-index"] = [{
-            "name": model_name,
-            "results": [{
-                "task": {"type": "image-segmentation", "name": "Box-prompted instance segmentation"},
-                "dataset": {"type": "coco-format", "name": (dataset_summary or {}).get("name", "custom COCO data")},
-                "metrics": [{"type": "mean_iou", "name": "mIoU", "value": round(float(metrics_after["eval_mean_iou"]), 4)}],
-            }],
-        }]
+    """Markdown text of the model card (YAML front matter first; see the module docstring for the metadata).
+
+    ``dataset_summary`` may carry ``hub_id`` / ``revision`` (the run's Hub dataset) and
+    ``evaluation_split`` (the split the metrics were measured on, default ``validation``).
+    """
+    from huggingface_hub import ModelCardData
+
+    hub_dataset = (dataset_summary or {}).get("hub_id")
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=hub_base_model(base_model),
+        datasets=[hub_dataset] if hub_dataset else None,
+        library_name="transformers",
+        pipeline_tag="mask-generation",
+        license=license or None,
+        tags=sorted(set(["efficientsam", "image-segmentation", "mask-generation", "box-prompts"] + list(tags or []))),
+        eval_results=eval_results(metrics_after, dataset_summary) or None,
+    )
     repo = repo_id or model_name
-    parts = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {model_name}", ""]
+    parts = ["---", card_data.to_yaml().strip(), "---", "", f"# {model_name}", ""]
     source = f"`{base_model}`" if base_model else "a randomly initialized EfficientSAM"
     description = (f"EfficientSAM fine-tuned from {source} for box-prompted instance segmentation on COCO-format data "
                    "with the `modeling_efficientsam` training recipe (`accelerate launch train.py RECIPE`).")
@@ -126,7 +201,8 @@ def build_model_card(
         description += f" Knowledge was distilled from the teacher `{teacher_model}` during fine-tuning."
     parts += [description, ""]
 
-    parts += ["## Results", "", _metrics_table(metrics_before, metrics_after, mask_size), ""]
+    split = (dataset_summary or {}).get("evaluation_split", "validation")
+    parts += ["## Results", "", _metrics_table(metrics_before, metrics_after, mask_size, split), ""]
 
     if dataset_summary:
         parts += ["## Data", ""]
@@ -135,6 +211,10 @@ def build_model_card(
         categories = dataset_summary.get("categories")
         if categories:
             parts.append(f"- categories: {', '.join(str(c) for c in categories)}")
+        if hub_dataset:
+            revision = dataset_summary.get("revision")
+            parts.append(f"- source: the Hub dataset [`{hub_dataset}`](https://huggingface.co/datasets/{hub_dataset})"
+                         + (f" at revision `{revision}`" if revision else ""))
         for key in ("source", "notes"):
             if dataset_summary.get(key):
                 parts.append(f"- {key}: {dataset_summary[key]}")

@@ -50,7 +50,7 @@ from .distillation import (
     image_embedding_distillation_loss,
     mask_distillation_loss,
 )
-from .evaluation import SegmentationMetrics, query_statistics, save_initial_metrics
+from .evaluation import PromptDependenceCallback, SegmentationMetrics, query_statistics, save_initial_metrics, wrong_box_points
 from .losses import GROUND_TRUTH_TERMS, segmentation_loss, step_normalizers
 from .optimization import add_loss_weighting_parameters, create_lr_scheduler, optimizer_class_and_kwargs
 from .schedules import DistillationSchedule
@@ -92,6 +92,9 @@ class EfficientSamTrainer(Trainer):
         # The model's forward takes no loss arguments: never hand it num_items_in_batch.
         self.model_accepts_loss_kwargs = False
         self.initial_metrics: Optional[Dict[str, float]] = None
+        # Every evaluation also asks each question with a wrong box; warns when the model ignores its prompts.
+        self.prompt_dependence = PromptDependenceCallback()
+        self.add_callback(self.prompt_dependence)
         # Optimizer steps per epoch: Trainer.set_initial_training_values computes it when training starts.
         self.steps_per_epoch: Optional[int] = None
 
@@ -105,6 +108,9 @@ class EfficientSamTrainer(Trainer):
             teacher_model.eval()
             self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
             self.teacher.eval()
+        if self.teacher is None and getattr(self.train_dataset, "box_only", None) is not None:
+            raise ValueError("box-only training data (no masks) is supervised by the teacher alone: give a teacher "
+                             "(teacher_model_name_or_path) or leave the box-only data out")
         # Until training starts and the run's length is known, the schedule of a one-step run.
         self.distillation_schedule = self._build_distillation_schedule(total_steps=1, steps_per_epoch=1)
 
@@ -222,10 +228,13 @@ class EfficientSamTrainer(Trainer):
         )
 
     def _ground_truth_terms(self, outputs, inputs, num_queries) -> Dict[str, torch.Tensor]:
+        """The ground-truth terms over the queries with a mask (box-only queries, ``has_mask`` False, are
+        left out); ``num_queries``: the normalizer, the number of such queries (local count when None)."""
         args = self.args
+        query_mask = inputs["query_mask"] & inputs["has_mask"] if "has_mask" in inputs else inputs["query_mask"]
         result = segmentation_loss(
             pred_masks=outputs.pred_masks, iou_scores=outputs.iou_scores, labels=inputs["labels"],
-            query_mask=inputs["query_mask"], num_queries=num_queries,
+            query_mask=query_mask, num_queries=num_queries,
             focal_weight=args.focal_weight, dice_weight=args.dice_weight, iou_weight=args.iou_weight,
             boundary_weight=args.boundary_weight, iou_head_weight=args.iou_head_weight,
             focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma, boundary_band_width=args.boundary_band_width,
@@ -256,15 +265,20 @@ class EfficientSamTrainer(Trainer):
                 query_mask=query_mask, num_queries=num_queries)
         return terms
 
-    def compute_loss_terms(self, model, inputs, num_queries=None, num_images=None, temperature: Optional[float] = None):
+    def compute_loss_terms(self, model, inputs, num_queries=None, num_images=None, temperature: Optional[float] = None,
+                           num_labelled_queries=None):
         """Every named loss term of a batch (unweighted) and the student's outputs.
 
         ``num_queries`` / ``num_images`` are the normalizers (local counts when None); ``temperature``
-        that of the mask KD (the schedule's current one when None).
+        that of the mask KD (the schedule's current one when None). With box-only data (``has_mask``
+        in the batch) the ground-truth terms are normalized by ``num_labelled_queries`` (local count
+        when None), the distillation terms by ``num_queries``.
         """
         hidden, attentions = self._needs()
         outputs = self._run(model, inputs, teacher=False, hidden=hidden, attentions=attentions)
-        terms = self._ground_truth_terms(outputs, inputs, num_queries)
+        if "has_mask" not in inputs:
+            num_labelled_queries = num_queries
+        terms = self._ground_truth_terms(outputs, inputs, num_labelled_queries)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_outputs = self._run(self.teacher, inputs, teacher=True, hidden=hidden, attentions=attentions)
@@ -287,14 +301,17 @@ class EfficientSamTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         query_mask = inputs["query_mask"]
+        num_labelled = None
         if num_items_in_batch is not None:
             num_queries, num_images = num_items_in_batch["num_queries"], num_items_in_batch["num_images"]
+            num_labelled = num_items_in_batch.get("num_labelled_queries")
             # DDP / DeepSpeed / FSDP average gradients over processes: undo it (see the module docstring).
             scale = self.accelerator.num_processes
         else:
             num_queries, num_images, scale = query_mask.sum(), query_mask.shape[0], 1
         state = self.schedule_state()
-        terms, outputs = self.compute_loss_terms(model, inputs, num_queries, num_images, temperature=state["temperature"])
+        terms, outputs = self.compute_loss_terms(model, inputs, num_queries, num_images, temperature=state["temperature"],
+                                                 num_labelled_queries=num_labelled)
         fraction = query_mask.sum().float() / torch.as_tensor(num_queries, device=query_mask.device).float().clamp_min(1.0)
         loss = self.weighted_loss(terms, state, fraction) * scale
         if model.training and num_items_in_batch is not None:
@@ -374,8 +391,17 @@ class EfficientSamTrainer(Trainer):
             loss = self.evaluation_weighting(self._ground_truth_terms(outputs, inputs, None)).detach()
             if prediction_loss_only:
                 return loss, None, None
-            statistics = query_statistics(outputs.pred_masks, outputs.iou_scores, inputs)
+            statistics = query_statistics(outputs.pred_masks, outputs.iou_scores, inputs,
+                                          *self._wrong_box_answers(model, outputs, inputs))
         return loss, statistics, inputs["query_mask"].long()
+
+    def _wrong_box_answers(self, model, outputs, inputs):
+        """(pred_masks, iou_scores, wrong_valid) of the same queries asked with wrong boxes (.evaluation)."""
+        points, valid = wrong_box_points(inputs, image_size=self.accelerator.unwrap_model(model).config.image_size)
+        with self.compute_loss_context_manager():
+            wrong = model(image_embeddings=outputs.image_embeddings, input_points=points,
+                          input_labels=inputs["input_labels"], multimask_output=True)
+        return wrong.pred_masks, wrong.iou_scores, valid
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)

@@ -64,11 +64,13 @@ def _locate(dataset, model, dtype, compute_dtype, image_processor, cache_root):
 
 
 @torch.no_grad()
-def _encode_rows(model, images, rows: range, options: dict) -> torch.Tensor:
+def _encode_rows(model, images, rows: range, options: dict, bar=None) -> torch.Tensor:
     image_size, device = model.config.vision_config.image_size, options["device"]
     outputs = []
     for start in range(rows.start, rows.stop, options["batch_size"]):
         stop = min(start + options["batch_size"], rows.stop)
+        if bar is not None and start > rows.start:
+            bar.update(options["batch_size"])  # the previous batch is done
         pixels = torch.stack([stored_image_pixel_values(image, image_size, options["image_processor"])
                               for image in images[start:stop]["image"]]).to(device)
         if options["compute_dtype"] == "float32":
@@ -77,6 +79,8 @@ def _encode_rows(model, images, rows: range, options: dict) -> torch.Tensor:
             with torch.autocast(device_type=torch.device(device).type, dtype=COMPUTE_DTYPES[options["compute_dtype"]]):
                 embeddings = model.get_image_embeddings(pixels)
         outputs.append(embeddings.to(device="cpu", dtype=STORAGE_DTYPES[options["dtype"]]))
+    if bar is not None:
+        bar.update(rows.stop - start)
     return torch.cat(outputs)
 
 
@@ -118,11 +122,17 @@ def _build_split(model, split, name, directory, fingerprint, model_name, options
     stats = {"computed_shards": [], "reused_shards": reused, "seconds": 0.0}
     images = split.select_columns(["image"])
     started = time.perf_counter()
+    done = sum(min(shard_size, count - index * shard_size) for index in reused)
+    from tqdm.auto import tqdm
+
+    # Images per second of the encoder, on stderr like the other long steps; nothing when all is reused.
+    bar = tqdm(total=count, initial=done, desc=f"embedding cache [{name}]", unit="img", dynamic_ncols=True,
+               disable=not options.get("progress", True) or done == count)
     for index in range(num_shards):
         if str(index) in manifest["shards"]:
             continue
         rows = range(index * shard_size, min((index + 1) * shard_size, count))
-        embeddings = _encode_rows(model, images, rows, options)
+        embeddings = _encode_rows(model, images, rows, options, bar)
         if list(embeddings.shape[1:]) != shape:
             raise RuntimeError(f"the encoder returned embeddings of shape {tuple(embeddings.shape[1:])}, expected {tuple(shape)}")
         manifest["shards"][str(index)] = write_shard(directory, index, embeddings, image_ids[rows.start:rows.stop],
@@ -131,6 +141,7 @@ def _build_split(model, split, name, directory, fingerprint, model_name, options
         stats["computed_shards"].append(index)
         if progress_callback is not None:
             progress_callback(name, index, num_shards)
+    bar.close()
     stats["seconds"] = time.perf_counter() - started
 
     metadata = read_json(directory, METADATA_FILE)
@@ -158,6 +169,7 @@ def build_embedding_cache(
     image_processor=None,
     verify: str = "checksum",
     progress_callback: Optional[Callable[[str, int, int], None]] = None,
+    progress: bool = True,
 ) -> EmbeddingCache:
     """Compute (or finish, or reuse) the embedding cache of ``model`` over ``splits`` of ``dataset``.
 
@@ -179,6 +191,8 @@ def build_embedding_cache(
         verify: how existing shards are checked before reuse, "checksum" (SHA-256, default) or "size"
             (size and header only).
         progress_callback: called as ``(split, shard_index, num_shards)`` after each written shard.
+        progress: show a progress bar per split on stderr (images done and images/s) while images are
+            encoded; False for none.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
@@ -196,7 +210,7 @@ def build_embedding_cache(
     model.eval()
     model.to(device)
     options = {"dtype": dtype, "shard_size": shard_size, "batch_size": batch_size, "compute_dtype": compute_dtype,
-               "device": device, "image_processor": image_processor, "verify": verify}
+               "device": device, "image_processor": image_processor, "verify": verify, "progress": progress}
     metadata, stats = {}, {}
     try:
         for name in splits:
