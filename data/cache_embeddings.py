@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache_root", default=None, help="where caches go (default <dataset>/embeddings)")
     parser.add_argument("--verify", choices=("checksum", "size"), default="checksum",
                         help="how existing shards are checked before reuse (default checksum)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (images done and images/s) on stderr")
     args = parser.parse_args(argv)
     if len(args.model) > 2:
         parser.error("--model may be given at most twice (student, then teacher)")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
             cache = build_embedding_cache(
                 args.dataset, model, dtype=args.dtype, splits=args.splits, batch_size=args.batch_size,
                 cache_root=args.cache_root, shard_size=args.shard_size, compute_dtype=args.compute_dtype,
-                device=device, verify=args.verify,
+                device=device, verify=args.verify, progress=not args.no_progress,
             )
         except ModelLoadError as error:  # a damaged or missing model: one line naming the file and the fix
             print(f"error: {error}", file=sys.stderr)

@@ -532,6 +532,159 @@ class EfficientSamTwoWayTransformer(nn.Module):
         return tokens, image, (tuple(all_weights) if return_weights else None)
 
 
+def _sub_pixel_to_raster(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 16 h w, K) maps in the decoder's sub-pixel order -> (N, K, 4 h, 4 w) in raster order.
+
+    Sub-pixel order: row (y, x, dy1, dx1, dy2, dx2) of the two upscaling steps holds the output
+    pixel (4y + 2 dy1 + dy2, 4x + 2 dx1 + dx2).
+    """
+    channels = maps.shape[-1]
+    maps = maps.reshape(-1, height, width, 2, 2, 2, 2, channels)
+    return maps.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(-1, channels, 4 * height, 4 * width)
+
+
+def _raster_to_sub_pixel(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `_sub_pixel_to_raster`: (N, K, 4 h, 4 w) -> (N, 16 h w, K)."""
+    channels = maps.shape[1]
+    maps = maps.reshape(-1, channels, height, 2, 2, width, 2, 2)
+    return maps.permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(-1, 16 * height * width, channels)
+
+
+def _pixel_convolution_weights(convolution: nn.ConvTranspose2d, dtype: torch.dtype) -> tuple:
+    """A kernel-2, stride-2 transposed convolution as a matrix product on channels-last pixels.
+
+    Such a convolution maps every input pixel on its own to a 2 x 2 block of output pixels, so it is
+    `pixels (P, C_in) @ weight (C_in, 4 C_out) + bias`: the output row of a pixel holds its 4
+    sub-pixels (dy, dx order), each with its C_out channels contiguous. Returns (weight, bias).
+    """
+    weight = convolution.weight  # (C_in, C_out, 2, 2)
+    weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 4 * weight.shape[1])
+    return weight.to(dtype), convolution.bias.repeat(4).to(dtype)
+
+
+# Rows of the first upscaled map (C1 channels each, all queries together) that the fused mask head
+# processes per step: enough for efficient matrix products and few operator calls, few enough that
+# a block's intermediates (twice as many rows of the second map) stay in cache.
+_MASK_HEAD_BLOCK_ROWS = 8192
+
+
+def _pixel_blocks(batch: int, pixels: int):
+    """(start, stop) ranges of embedding pixels, each block holding about _MASK_HEAD_BLOCK_ROWS rows."""
+    step = max(1, _MASK_HEAD_BLOCK_ROWS // (4 * batch))
+    return [(start, min(start + step, pixels)) for start in range(0, pixels, step)]
+
+
+def _normalization(gamma, beta, mean, rstd) -> tuple:
+    """GroupNorm (one group) and its affine as per-query, per-channel scale and shift, (N, 1, C1) each."""
+    scale = gamma.to(mean.dtype) * rstd[:, None, None]
+    return scale, beta.to(mean.dtype) - mean[:, None, None] * scale
+
+
+class _EfficientSamMaskHead(torch.autograd.Function):
+    """Upscaling and hypernetwork product of the mask decoder, a block of pixels at a time.
+
+    Computes, per query n, `hyper[n] @ gelu(conv2(gelu(groupnorm(conv1(image[n])))))^T`, the same
+    function as `EfficientSamMaskDecoder.upscale` followed by the product, in plain operations. Only
+    the first upscaled map (4 HW x C1 per query, needed for the group-norm statistics) is stored; the
+    second (twice as large) and both activations are computed one block of pixels at a time (all
+    queries together) and never stored: the backward pass recomputes them block by block. Most of
+    the memory traffic then stays in cache.
+
+    Inputs: image (N, HW, C) in the compute dtype; weight1, bias1, weight2, bias2 from
+    `_pixel_convolution_weights` in the compute dtype; gamma, beta (C1) and eps of the GroupNorm;
+    hyper (N, K, C2); the embedding grid (height, width). Returns mask logits (N, K, 4h, 4w).
+    Statistics and the normalization run in float32 (float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, image, weight1, bias1, gamma, beta, eps, weight2, bias2, hyper, height, width):
+        batch, pixels, channels = image.shape
+        channels1, channels2 = gamma.numel(), hyper.shape[-1]
+        dtype = image.dtype
+        stat = torch.float64 if dtype == torch.float64 else torch.float32
+        blocks = _pixel_blocks(batch, pixels)
+        with torch.autocast(image.device.type, enabled=False):
+            first = torch.addmm(bias1, image.reshape(-1, channels), weight1).view(batch, pixels, 4 * channels1)
+            means, variances, counts = [], [], []
+            for start, stop in blocks:
+                variance, mean = torch.var_mean(first[:, start:stop].to(stat), dim=(1, 2), correction=0)
+                means.append(mean), variances.append(variance), counts.append(float((stop - start) * 4 * channels1))
+            # the blocks' population statistics combined into each query's (exactly, up to rounding)
+            means, variances = torch.stack(means, dim=1), torch.stack(variances, dim=1)
+            counts = torch.tensor(counts, dtype=stat, device=image.device)
+            mean = (means * counts).sum(1) / counts.sum()
+            variance = ((variances + (means - mean[:, None]).square()) * counts).sum(1) / counts.sum()
+            rstd = torch.rsqrt(variance + eps)
+            scale, shift = _normalization(gamma, beta, mean, rstd)
+            logits = torch.empty(batch, 16 * pixels, hyper.shape[1], dtype=dtype, device=image.device)
+            hyper_t = hyper.transpose(1, 2)
+            for start, stop in blocks:
+                normalized = torch.addcmul(shift, first[:, start:stop].reshape(batch, -1, channels1), scale)
+                activated = F.gelu(normalized).to(dtype).view(-1, channels1)
+                second = F.gelu(torch.addmm(bias2, activated, weight2)).view(batch, -1, channels2)
+                logits[:, 16 * start : 16 * stop] = torch.bmm(second, hyper_t)
+        ctx.save_for_backward(image, first, mean, rstd, weight1, gamma, beta, weight2, bias2, hyper)
+        ctx.grid = (height, width)
+        return _sub_pixel_to_raster(logits, height, width)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits):
+        image, first, mean, rstd, weight1, gamma, beta, weight2, bias2, hyper = ctx.saved_tensors
+        dtype, stat, device = image.dtype, mean.dtype, image.device
+        batch, pixels, channels = image.shape
+        channels1, channels2 = gamma.numel(), hyper.shape[-1]
+        blocks = _pixel_blocks(batch, pixels)
+        with torch.autocast(device.type, enabled=False):
+            grad_logits = _raster_to_sub_pixel(grad_logits.to(dtype), *ctx.grid)
+            scale, shift = _normalization(gamma, beta, mean, rstd)
+            grad_hyper = torch.zeros(hyper.shape, dtype=stat, device=device)
+            grad_weight2 = torch.zeros(weight2.shape, dtype=stat, device=device)
+            grad_bias2 = torch.zeros(bias2.shape, dtype=stat, device=device)
+            # gradient at the GroupNorm output (after its affine), and its sums per query and channel
+            grad_normalized = torch.empty(first.shape, dtype=stat, device=device)
+            sum_grad = torch.zeros(batch, channels1, dtype=stat, device=device)
+            sum_grad_first = torch.zeros(batch, channels1, dtype=stat, device=device)
+            for start, stop in blocks:
+                first_block = first[:, start:stop].reshape(batch, -1, channels1)
+                normalized = torch.addcmul(shift, first_block, scale)
+                activated = F.gelu(normalized).to(dtype).view(-1, channels1)
+                before = torch.addmm(bias2, activated, weight2).view(batch, -1, channels2)
+                block_grad = grad_logits[:, 16 * start : 16 * stop]
+                grad_hyper += torch.bmm(block_grad.transpose(1, 2), F.gelu(before))
+                grad_before = torch.ops.aten.gelu_backward(torch.bmm(block_grad, hyper), before)
+                grad_before = grad_before.view(-1, 4 * channels2)
+                grad_weight2 += torch.mm(activated.t(), grad_before)
+                grad_bias2 += grad_before.sum(0)
+                grad = torch.ops.aten.gelu_backward(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
+                                                    normalized)
+                grad_normalized[:, start:stop] = grad.view(batch, stop - start, -1)
+                sum_grad += grad.sum(1)
+                sum_grad_first += (grad * first_block).sum(1)
+            # GroupNorm backward (one group): with x_hat = (x - mean) rstd and g = dL/dy * gamma,
+            # dL/dx = rstd (g - mean(g) - x_hat mean(g x_hat)), means over all elements of a query.
+            count = first[0].numel()
+            gamma_ = gamma.to(stat)
+            grad_gamma = rstd[:, None] * (sum_grad_first - mean[:, None] * sum_grad)  # per query
+            mean_g = (sum_grad * gamma_).sum(1) / count
+            mean_g_x_hat = (grad_gamma * gamma_).sum(1) / count
+            coefficient = (rstd[:, None] * gamma_).repeat(1, 4)[:, None]  # (N, 1, 4 C1), like a pixel row
+            first_coefficient = (-rstd * rstd * mean_g_x_hat)[:, None, None]
+            constant = (-rstd * mean_g + mean * rstd * rstd * mean_g_x_hat)[:, None, None]
+            grad_first = torch.addcmul(constant, first.to(stat), first_coefficient)
+            grad_first = grad_first.addcmul_(grad_normalized, coefficient).to(dtype).view(-1, 4 * channels1)
+            grad_image = None
+            if ctx.needs_input_grad[0]:
+                grad_image = torch.mm(grad_first, weight1.t()).view(image.shape)
+            grad_weight1 = torch.mm(image.reshape(-1, channels).t(), grad_first)
+            grad_bias1 = grad_first.sum(0)
+        return (
+            grad_image, grad_weight1.to(weight1.dtype), grad_bias1.to(weight1.dtype),
+            grad_gamma.sum(0).to(gamma.dtype), sum_grad.sum(0).to(beta.dtype), None,
+            grad_weight2.to(weight2.dtype), grad_bias2.to(bias2.dtype), grad_hyper.to(hyper.dtype), None, None,
+        )
+
+
 class EfficientSamMaskDecoder(nn.Module):
     def __init__(self, config: EfficientSamMaskDecoderConfig):
         super().__init__()
@@ -555,44 +708,50 @@ class EfficientSamMaskDecoder(nn.Module):
         )
 
     @staticmethod
-    def _pixel_transposed_convolution(features: torch.Tensor, convolution: nn.ConvTranspose2d) -> torch.Tensor:
-        """A kernel-2, stride-2 transposed convolution on channels-last (..., pixels, C_in) features.
-
-        Such a convolution maps every input pixel on its own to a 2 x 2 block of output pixels, so it
-        is one matrix product; the output is (..., pixels * 4, C_out), the 4 sub-pixels of an input
-        pixel in a row (dy, dx order), each with its C_out channels contiguous.
-        """
-        weight = convolution.weight  # (C_in, C_out, 2, 2)
-        in_channels, out_channels = weight.shape[:2]
-        weight = weight.permute(0, 2, 3, 1).reshape(in_channels, 4 * out_channels)
-        bias = convolution.bias.repeat(4)
-        if torch.is_autocast_enabled(features.device.type):
-            dtype = torch.get_autocast_dtype(features.device.type)
-            features, weight, bias = features.to(dtype), weight.to(dtype), bias.to(dtype)
-        else:
-            weight, bias = weight.to(features.dtype), bias.to(features.dtype)
-        output = torch.addmm(bias, features.reshape(-1, in_channels), weight)
-        return output.reshape(*features.shape[:-2], -1, out_channels)
+    def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+        device = tensor.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
     def upscale(self, image: torch.Tensor) -> torch.Tensor:
-        """(N, HW, C) image stream -> (N, 16 * HW, C') upscaled features in sub-pixel order.
+        """(N, HW, C) image stream -> (N, 16 HW, C') upscaled features in sub-pixel order (see
+        `_sub_pixel_to_raster`): conv1, GroupNorm(1 group), GELU, conv2, GELU, in plain operations."""
+        dtype = self._compute_dtype(image)
+        stat = torch.float64 if dtype == torch.float64 else torch.float32
+        weight1, bias1 = _pixel_convolution_weights(self.upscale_conv1, dtype)
+        weight2, bias2 = _pixel_convolution_weights(self.upscale_conv2, dtype)
+        norm = self.upscale_norm
+        batch = image.shape[0]
+        with torch.autocast(image.device.type, enabled=False):
+            first = torch.addmm(bias1, image.reshape(-1, image.shape[-1]).to(dtype), weight1).reshape(batch, -1)
+            normalized = F.layer_norm(first.to(stat), first.shape[1:], eps=norm.eps).reshape(batch, -1, norm.num_channels)
+            normalized = torch.addcmul(norm.bias.to(stat), normalized, norm.weight.to(stat))
+            second = torch.addmm(bias2, F.gelu(normalized).to(dtype).reshape(-1, norm.num_channels), weight2)
+        return F.gelu(second).reshape(batch, -1, weight2.shape[1] // 4)
 
-        Row (y, x, dy1, dx1, dy2, dx2) holds the output pixel (4y + 2 dy1 + dy2, 4x + 2 dx1 + dx2);
-        `_raster` puts maps in that order back into raster order.
+    def predict_masks(self, image, hyper_in, height: int, width: int, return_upscaled: bool = False):
+        """Mask logits (N, K, 4h, 4w) from the image stream (N, HW, C) and hypernetwork outputs (N, K, C').
+
+        Training and inference use the fused `_EfficientSamMaskHead`; the plain-operation path is used
+        when the upscaled embeddings are returned (`return_upscaled`, then the second value, as
+        (N, C', 4h, 4w)), under torch.compile / export (which trace plain operations), and as the
+        fused head's reference in the tests.
         """
-        upscaled = self._pixel_transposed_convolution(image, self.upscale_conv1)  # (N, 4 HW, C1)
-        # GroupNorm with one group normalizes over all channels and pixels; pass it the channels-last
-        # view as (N, C1, 4 HW, 1) so that no copy is made.
-        upscaled = self.upscale_act(self.upscale_norm(upscaled.transpose(1, 2).unsqueeze(-1)))
-        upscaled = upscaled.squeeze(-1).transpose(1, 2)
-        return self.upscale_act(self._pixel_transposed_convolution(upscaled, self.upscale_conv2))
-
-    @staticmethod
-    def _raster(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(N, 16 h w, K) maps in the sub-pixel order of `upscale` -> (N, K, 4 h, 4 w) in raster order."""
-        channels = maps.shape[-1]
-        maps = maps.reshape(-1, height, width, 2, 2, 2, 2, channels)
-        return maps.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(-1, channels, 4 * height, 4 * width)
+        dtype = self._compute_dtype(image)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if return_upscaled or tracing:
+            upscaled = self.upscale(image)
+            with torch.autocast(image.device.type, enabled=False):
+                logits = torch.bmm(upscaled, hyper_in.to(dtype).transpose(1, 2))
+            masks = _sub_pixel_to_raster(logits, height, width)
+            return masks, (_sub_pixel_to_raster(upscaled, height, width) if return_upscaled else None)
+        weight1, bias1 = _pixel_convolution_weights(self.upscale_conv1, dtype)
+        weight2, bias2 = _pixel_convolution_weights(self.upscale_conv2, dtype)
+        norm = self.upscale_norm
+        masks = _EfficientSamMaskHead.apply(
+            image.to(dtype), weight1, bias1, norm.weight, norm.bias, norm.eps, weight2, bias2, hyper_in.to(dtype),
+            height, width,
+        )
+        return masks, None
 
     def forward(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions=False,
                 output_hidden_states=False):
@@ -615,22 +774,20 @@ class EfficientSamMaskDecoder(nn.Module):
 
         iou_token_out = tokens[:, :, 0]
         mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.upscale(image.reshape(batch * queries, -1, image.shape[-1]))  # (BQ, 16 HW, C')
-
         # Only the candidates that are returned are computed: tokens 1..3 (multimask) or token 0.
         selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, index]) for index in selected], dim=2
         )  # (B, Q, candidates, channels)
-        hyper_in = hyper_in.reshape(batch * queries, len(selected), -1).to(upscaled.dtype)
-        masks = self._raster(torch.bmm(upscaled, hyper_in.transpose(1, 2)), height, width)
+        masks, upscaled = self.predict_masks(
+            image.reshape(batch * queries, -1, image.shape[-1]), hyper_in.reshape(batch * queries, len(selected), -1),
+            height, width, return_upscaled=output_hidden_states,
+        )
         masks = masks.reshape(batch, queries, len(selected), 4 * height, 4 * width)
+        if upscaled is not None:
+            upscaled = upscaled.reshape(batch, queries, -1, 4 * height, 4 * width)
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :, selected.start : selected.stop]
-        output_token_states = tokens[:, :, :num_outputs]
-        upscaled_embeddings = None
-        if output_hidden_states:
-            upscaled_embeddings = self._raster(upscaled, height, width).reshape(batch, queries, -1, 4 * height, 4 * width)
-        return masks, iou_pred, attentions, output_token_states, upscaled_embeddings
+        return masks, iou_pred, attentions, tokens[:, :, :num_outputs], upscaled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,3 +128,28 @@ def test_a_mixed_run_trains(tmp_path, mixed_dataset):
     assert result.global_step == 3
     logged = [entry for entry in trainer.state.log_history if "mask_kd_loss" in entry]
     assert logged and all(entry["mask_kd_loss"] > -1e-6 and entry["focal_loss"] > 0 for entry in logged)
+
+
+def test_recipe_fields_build_the_mixed_dataset(tmp_path, synthetic_pcb_splits, boxes_only_json):
+    from modeling_efficientsam.training.arguments import DataArguments
+    from modeling_efficientsam.training.dataset_building import build_datasets, prepare_dataset
+
+    from conftest import tiny_args
+
+    boxes, images_dir, count = boxes_only_json
+    train, train_images = synthetic_pcb_splits["train"]
+    data_args = DataArguments(train_annotations=str(train), train_images=str(train_images), box_only_annotations=str(boxes),
+                              box_only_images=str(images_dir), prepared_dataset_dir=str(tmp_path / "prepared"))
+    training_args = tiny_args(tmp_path)
+    dataset, folder = prepare_dataset(data_args, training_args)
+    assert set(dataset) == {"train", "box_only"}
+    with pytest.raises(Exception, match="teacher"):
+        build_datasets(dataset, folder, data_args, training_args, tiny_model(0))
+    train_dataset, _, _ = build_datasets(dataset, folder, data_args, training_args, tiny_model(0), teacher=tiny_model(1))
+    assert isinstance(train_dataset, EfficientSamMixedTrainingDataset)
+    assert len(train_dataset) == len(dataset["train"]) + len(dataset["box_only"])
+    with pytest.raises(ValueError, match="together"):
+        DataArguments(train_annotations=str(train), train_images=str(train_images), box_only_annotations=str(boxes))
+    with pytest.raises(ValueError, match="prompt_mode must be box"):
+        DataArguments(train_annotations=str(train), train_images=str(train_images), box_only_annotations=str(boxes),
+                      box_only_images=str(images_dir), prompt_mode="point")

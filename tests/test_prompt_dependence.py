@@ -178,3 +178,16 @@ def test_cli_shows_the_gap_and_warns_only_for_the_blind_model(synthetic_pcb_data
     assert any(line.startswith("prompt gap") for line in out.getvalue().splitlines())
     warnings = [line for line in err.getvalue().splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "model blind" in warnings[0]
+
+
+def test_model_card_reports_the_wrong_box_check():
+    from modeling_efficientsam.training.model_card import build_model_card
+
+    common = dict(model_name="m", metrics_before={"eval_mean_iou": 0.1})
+    uses = build_model_card(metrics_after={"eval_mean_iou": 0.62, "eval_own_box_mean_iou": 0.62,
+                                           "eval_wrong_box_mean_iou": 0.03}, **common)
+    ignores = build_model_card(metrics_after={"eval_mean_iou": 0.7, "eval_own_box_mean_iou": 0.7,
+                                              "eval_wrong_box_mean_iou": 0.69}, **common)
+    assert "gap 0.590" in uses and "follow the prompt" in uses and "Warning" not in uses
+    assert "gap 0.010" in ignores and "ignore its box prompts" in ignores
+    assert "Does it use its box" not in build_model_card(metrics_after={"eval_mean_iou": 0.7}, **common)

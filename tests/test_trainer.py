@@ -291,13 +291,17 @@ def test_decoder_only_round_trip(tmp_path):
 
 
 def test_model_card_text():
+    from huggingface_hub import ModelCard
+
     before = {"eval_mean_iou": 0.1234, "eval_f1": 0.2, "eval_iou_pad": 0.05}
     after = {"eval_mean_iou": 0.7654, "eval_f1": 0.8, "eval_iou_pad": 0.55, "eval_num_instances": 12}
     text = build_model_card(model_name="pcb-sam", repo_id="me/pcb-sam", base_model="org/efficientsam-vitt",
                             teacher_model="org/efficientsam-vits", recipe={"learning_rate": 1e-4},
                             dataset_summary={"splits": {"train": {"images": 3, "instances": 9}}, "categories": ["pad"]},
                             metrics_before=before, metrics_after=after, decoder_only=True)
-    assert text.startswith("---\nlibrary_name: transformers")
+    metadata = ModelCard(text).data  # the YAML front matter parses as Hub model-card metadata
+    assert metadata.library_name == "transformers" and metadata.pipeline_tag == "mask-generation"
+    assert {(r.metric_type, r.metric_value) for r in metadata.eval_results} == {("mean_iou", 0.7654), ("f1", 0.8), ("iou", 0.55)}
     assert "| mIoU (instance mean) | 0.1234 | 0.7654 |" in text and "| IoU: pad | 0.0500 | 0.5500 |" in text
     assert 'repo_id = "me/pcb-sam"' in text and "post_process_masks" in text and "trust_remote_code=True" in text
     assert "import modeling_efficientsam" not in text and "from modeling_efficientsam import" not in text

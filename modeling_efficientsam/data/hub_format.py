@@ -249,7 +249,7 @@ def save_hub_format(
     with staged_directory(folder) as staged:
         shard_bytes = {}
         for name, split in dataset_dict.items():
-            num_shards = max(1, math.ceil(split.data.nbytes / max_shard_size))
+            num_shards = min(max(1, math.ceil(split.data.nbytes / max_shard_size)), max(1, len(split)))  # no empty shard
             shard_bytes[name] = 0
             for index in range(num_shards):
                 path = os.path.join(staged, DATA_DIR, f"{name}-{index:05d}-of-{num_shards:05d}.parquet")

@@ -112,6 +112,12 @@ def prompt_dependence_warning(summary: Mapping[str, object], where: str = "") ->
     if not summary["ignores_prompt"]:
         return None
     prefix = f"{where}: " if where else ""
+    if summary["own_box_miou"] < 2 * summary["min_prompt_gap"]:
+        return (
+            f"{prefix}mIoU {summary['own_box_miou']:.3f} with each object's own box vs {summary['wrong_box_miou']:.3f} with "
+            f"a wrong box: the model barely segments yet, so it cannot be told whether it uses its prompts. Train longer "
+            "(or check the learning rate and data) and look at the gap again."
+        )
     return (
         f"{prefix}the model seems to ignore its box prompts: mIoU {summary['own_box_miou']:.3f} with each object's own box "
         f"vs {summary['wrong_box_miou']:.3f} with a wrong box (another object's box, or the box moved off the object); "

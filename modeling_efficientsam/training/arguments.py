@@ -147,6 +147,12 @@ class DataArguments:
     train_images: Optional[str] = field(default=None, metadata={"help": "Image folder of the training split."})
     validation_annotations: Optional[str] = field(default=None, metadata={"help": "COCO JSON of the validation split."})
     validation_images: Optional[str] = field(default=None, metadata={"help": "Image folder of the validation split."})
+    box_only_annotations: Optional[str] = field(
+        default=None,
+        metadata={"help": "COCO JSON of extra training images with boxes but no masks (label-efficient distillation): only the teacher supervises them (distillation terms; the ground-truth terms are masked out). Needs a teacher and box prompts; segmentations in this file are ignored."},
+    )
+    box_only_images: Optional[str] = field(default=None, metadata={"help": "Image folder of box_only_annotations."})
+    box_only_split: str = field(default="box_only", metadata={"help": "Split name of the box-only images in the prepared dataset."})
     prepared_dataset_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where the COCO files are converted to a datasets folder (reused while its inputs are unchanged). Default: <output_dir>/prepared_dataset."},
@@ -184,7 +190,7 @@ class DataArguments:
 
     def __post_init__(self):
         for name in ("dataset_path", "dataset_name", "dataset_revision", "train_annotations", "train_images", "validation_annotations", "validation_images",
-                     "prepared_dataset_dir", "embedding_cache_dir"):
+                     "prepared_dataset_dir", "embedding_cache_dir", "box_only_annotations", "box_only_images"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)  # `--dataset_path none` switches a recipe to COCO files
@@ -201,6 +207,14 @@ class DataArguments:
             )
             _check((self.validation_annotations is None) == (self.validation_images is None),
                    "give validation_annotations and validation_images together")
+        _check((self.box_only_annotations is None) == (self.box_only_images is None),
+               "give box_only_annotations and box_only_images together")
+        _check(self.box_only_annotations is None or self.train_annotations is not None,
+               "box_only_annotations go with the COCO files (train_annotations, ...), not with dataset_path / dataset_name")
+        _check(self.box_only_annotations is None or self.prompt_mode == "box",
+               f"box-only images have no masks to sample points from: prompt_mode must be box, got {self.prompt_mode!r}")
+        _check(self.box_only_split not in (self.train_split, self.validation_split),
+               "box_only_split must differ from train_split and validation_split")
         _check(0.0 <= self.box_mask_iou_threshold <= 1.0, f"box_mask_iou_threshold must be in [0, 1], got {self.box_mask_iou_threshold}")
         for name in ("max_objects", "eval_max_objects", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -236,7 +250,14 @@ class EfficientSamTrainingArguments(TrainingArguments):
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Load the best checkpoint (by metric_for_best_model) at the end."})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate once before training (the 'before' metrics of the model card)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (the trainer needs labels, query_mask, ...)."})
-    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept; the best and the newest are never deleted, so 1 keeps two when the best is not the newest."})
+    # transformers 5 dropped this TrainingArguments field; train.py reads it (see training/run_checks.py).
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a new run replace the earlier run in output_dir (its checkpoint-* folders are removed). "
+                  "Without it, an output_dir holding a saved model, results or checkpoints is refused unless the run "
+                  "resumes from one of its checkpoints."},
+    )
 
     # ---- ground-truth losses ----------------------------------------------------------------------
     focal_alpha: float = field(default=0.25, metadata={"help": "Focal loss foreground weight in [0, 1] (negative: none)."})
@@ -292,6 +313,8 @@ class EfficientSamTrainingArguments(TrainingArguments):
             "attention_distillation_weight", "min_lr", "warmup_epochs",
         ))
         _check(self.boundary_band_width >= 1, f"boundary_band_width must be >= 1, got {self.boundary_band_width}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check_distillation_values(
             distill_warmup_epochs=self.distill_warmup_epochs, max_temperature=self.max_temperature,
             min_temperature=self.min_temperature, alpha_start=self.alpha_start, alpha_end=self.alpha_end,

@@ -6,6 +6,11 @@
   ``freeze_prompt_encoder``.
 * :func:`build_teacher`: the teacher, frozen and in eval mode (None without one).
 * :func:`build_processor`: the processor saved with the student, or a default one for its input size.
+
+A model that cannot be loaded (a mistyped folder, a Hub id offline, damaged weights, a broken
+``model_config`` file or original checkpoint) is a :class:`~.run_checks.TrainingSetupError` naming
+the argument, the file and the fix; loading goes through the package's one loader,
+:func:`~modeling_efficientsam.inference.loading.load_efficientsam_model`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import logging
 import os
 from typing import Optional, Tuple
+
+from .run_checks import TrainingSetupError
 
 __all__ = [
     "ORIGINAL_CHECKPOINT_SUFFIXES",
@@ -29,7 +36,7 @@ logger = logging.getLogger(__name__)
 ORIGINAL_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pt.zip")
 
 
-def resolve_model_source(source: str, converted_models_dir: str, training_args) -> str:
+def resolve_model_source(source: str, converted_models_dir: str, training_args, argument: str = "model_name_or_path") -> str:
     """A transformers folder / Hub id as is; an original .pt checkpoint converted once (main process first)."""
     if not source.endswith(ORIGINAL_CHECKPOINT_SUFFIXES):
         return source
@@ -45,18 +52,30 @@ def resolve_model_source(source: str, converted_models_dir: str, training_args) 
     with training_args.main_process_first(desc=f"converting {source}"):
         if not os.path.isfile(os.path.join(target, "config.json")):
             logger.info("converting the original checkpoint %s into %s", source, target)
-            convert(source, target)
+            try:
+                convert(source, target)
+            except (OSError, ValueError, KeyError) as error:
+                raise TrainingSetupError(
+                    f"{argument} {source}: the original checkpoint cannot be converted ({' '.join(str(error).split())}). "
+                    "Fix: check the path (or Hub file) of the .pt checkpoint, or convert it once with "
+                    "python -m modeling_efficientsam.convert_efficientsam_to_hf"
+                ) from error
     return target
 
 
-def load_pretrained(source: str, revision: str = "main", attn_implementation: Optional[str] = None):
-    """``EfficientSamModel.from_pretrained`` with the run's revision and attention implementation."""
-    from ..modeling_efficientsam import EfficientSamModel
+def load_pretrained(source: str, revision: str = "main", attn_implementation: Optional[str] = None,
+                    argument: str = "model_name_or_path"):
+    """``EfficientSamModel.from_pretrained`` (through ``load_efficientsam_model``) with the run's revision and
+    attention implementation; a model that cannot be loaded is a TrainingSetupError naming ``argument``."""
+    from ..inference.loading import ModelLoadError, load_efficientsam_model
 
     kwargs = {"revision": revision}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return EfficientSamModel.from_pretrained(source, **kwargs)
+    try:
+        return load_efficientsam_model(source, **kwargs)
+    except ModelLoadError as error:
+        raise TrainingSetupError(f"{argument}: {error}") from error
 
 
 def build_student(model_args, training_args) -> Tuple[object, str]:
@@ -75,8 +94,7 @@ def build_student(model_args, training_args) -> Tuple[object, str]:
         else:
             spec = model_args.model_config
             if isinstance(spec, str):
-                with open(spec, encoding="utf-8") as handle:
-                    spec = json.load(handle)
+                spec = _read_model_config(spec)
             config = EfficientSamConfig(**{k: v for k, v in spec.items() if k not in ("model_type", "architectures", "auto_map")})
             origin = "random initialization (custom config)"
         kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -86,12 +104,26 @@ def build_student(model_args, training_args) -> Tuple[object, str]:
     return model, origin
 
 
+def _read_model_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as error:
+        raise TrainingSetupError(f"model_config {path}: no such file. Fix: give the path of a config.json "
+                                 "(recipes/configs/ has examples)") from error
+    except (OSError, ValueError) as error:
+        raise TrainingSetupError(f"model_config {path}: cannot be read as JSON ({' '.join(str(error).split())}). "
+                                 "Fix: repair the file (recipes/configs/ has examples)") from error
+
+
 def build_teacher(model_args, training_args):
     """The frozen teacher in eval mode, or None when the run has none."""
     if model_args.teacher_model_name_or_path is None:
         return None
-    source = resolve_model_source(model_args.teacher_model_name_or_path, model_args.converted_models_dir, training_args)
-    teacher = load_pretrained(source, model_args.teacher_revision, model_args.attn_implementation)
+    source = resolve_model_source(model_args.teacher_model_name_or_path, model_args.converted_models_dir, training_args,
+                                  argument="teacher_model_name_or_path")
+    teacher = load_pretrained(source, model_args.teacher_revision, model_args.attn_implementation,
+                              argument="teacher_model_name_or_path")
     teacher.requires_grad_(False)
     return teacher.eval()
 

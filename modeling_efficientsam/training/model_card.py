@@ -9,7 +9,9 @@ mask-generation``, license, tags, ``base_model`` (only a Hub model id: a local f
 text, not in the metadata; ``owner/repo/file.pt``, an original checkpoint on the Hub, names
 ``owner/repo``), ``datasets`` (when the run trained on a Hub dataset) and a ``model-index`` with one
 ``EvalResult`` per reported validation metric of the fine-tuned model (mIoU, category mIoU, F1,
-boundary F, mask AP when measured, and the IoU of each category). Each result names the task
+boundary F, mask AP when measured, and the IoU of each category; see ``_METRIC_ROWS``: the metric
+keys ``eval_mean_iou``, ``eval_mean_category_iou``, ``eval_f1``, ``eval_boundary_f1``, ``eval_ap``,
+``eval_ap50``, ``eval_ap75`` and ``eval_iou_<category>``; NaN values are left out). Each result names the task
 (``mask-generation``, box-prompted), the split and the dataset: its Hub id as ``type`` when it came from
 the Hub, else the local folder's name with ``type: local`` (the data is not on the Hub, so there is no
 dataset id to give).
@@ -158,6 +160,21 @@ def _metrics_table(before: Optional[Mapping[str, Any]], after: Optional[Mapping[
     return "\n".join(lines)
 
 
+def _prompt_dependence_text(after: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The wrong-box check of the final evaluation (metrics/prompt_dependence.py), as a paragraph."""
+    from ..metrics.prompt_dependence import prompt_dependence_summary, prompt_dependence_warning
+
+    after = dict(after or {})
+    own, wrong = after.get("eval_own_box_mean_iou"), after.get("eval_wrong_box_mean_iou")
+    if not (_finite(own) and _finite(wrong)):
+        return None
+    summary = prompt_dependence_summary(own, wrong)
+    text = (f"**Does it use its box?** mIoU {own:.3f} with each object's own box, {wrong:.3f} with a wrong box (another "
+            f"object's box in the same image, or the box moved off a lone object): gap {summary['prompt_gap']:.3f}.")
+    warning = prompt_dependence_warning(summary)
+    return text + (f" Warning: {warning}" if warning else " The masks follow the prompt.")
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -203,6 +220,9 @@ def build_model_card(
 
     split = (dataset_summary or {}).get("evaluation_split", "validation")
     parts += ["## Results", "", _metrics_table(metrics_before, metrics_after, mask_size, split), ""]
+    prompt_text = _prompt_dependence_text(metrics_after)
+    if prompt_text:
+        parts += [prompt_text, ""]
 
     if dataset_summary:
         parts += ["## Data", ""]

@@ -3,7 +3,9 @@
 What the trainer adds to ``transformers.Trainer``:
 
 * **Loss terms**: the ground-truth terms of :func:`~.losses.segmentation_loss` and, with a frozen
-  teacher (prepared with ``accelerator.prepare_model(teacher, evaluation_mode=True)``), the terms of
+  teacher (placed for the launch configuration by :func:`~.teacher_placement.prepare_teacher`:
+  ``accelerator.prepare_model(teacher, evaluation_mode=True)``, then moved to the device where
+  Accelerate does not place it, or DeepSpeed's dtype / ZeRO-3 engine), the terms of
   :mod:`.distillation`. The teacher runs its own encoder on the batch's pixels (or reads its own
   cached ``teacher_image_embeddings``) and its own decoder on exactly the student's prompts.
   Temperature, alpha (ground truth) and beta (distillation) follow one
@@ -36,13 +38,16 @@ gradients are averaged across processes by hand before the optimizer step.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import defaultdict
 from typing import Any, Dict, Optional
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import EfficientSamCollator
+from .checkpoints import rotate_checkpoints
 from .distillation import (
     attention_distillation_loss,
     check_teacher_compatibility,
@@ -54,6 +59,7 @@ from .evaluation import PromptDependenceCallback, SegmentationMetrics, query_sta
 from .losses import GROUND_TRUTH_TERMS, segmentation_loss, step_normalizers
 from .optimization import add_loss_weighting_parameters, create_lr_scheduler, optimizer_class_and_kwargs
 from .schedules import DistillationSchedule
+from .teacher_placement import prepare_teacher
 from .weighting import FixedLossWeighting, build_loss_weighting
 from .weighting_checkpoint import load_loss_weighting_state, save_loss_weighting_state
 
@@ -104,10 +110,7 @@ class EfficientSamTrainer(Trainer):
             check_teacher_compatibility(student.config, teacher_model.config,
                                         feature_distillation=self.args.feature_distillation,
                                         attention_distillation=self.args.attention_distillation)
-            teacher_model.requires_grad_(False)
-            teacher_model.eval()
-            self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-            self.teacher.eval()
+            self.teacher = prepare_teacher(teacher_model, self.accelerator)  # frozen, eval mode, on the device
         if self.teacher is None and getattr(self.train_dataset, "box_only", None) is not None:
             raise ValueError("box-only training data (no masks) is supervised by the teacher alone: give a teacher "
                              "(teacher_model_name_or_path) or leave the box-only data out")
@@ -381,6 +384,35 @@ class EfficientSamTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.processor is not None:
             self.processor.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    # ---- Checkpoint rotation: the best and the newest checkpoints are never deleted (.checkpoints)
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` with this trainer's checkpoint rotation.
+
+        Trainer rotates by modification time inside its own save and, with ``save_total_limit=1`` and
+        a best model, deletes the newest checkpoint when training ends (the one a continued run needs,
+        possibly while an upload reads it). During ``train`` its rotation is off (the limit is held in
+        ``checkpoint_limit``; checkpoints' ``training_args.bin`` show None) and :meth:`_save_checkpoint`
+        rotates instead.
+        """
+        self.checkpoint_limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = self.checkpoint_limit
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        push = getattr(self, "push_in_progress", None)
+        if push is not None and not push.is_done():
+            return  # a Hub upload may still read a checkpoint folder: rotate after the next save
+        run_dir = self._get_output_dir(trial=trial)
+        newest = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        rotate_checkpoints(run_dir, getattr(self, "checkpoint_limit", self.args.save_total_limit),
+                           keep=(self.state.best_model_checkpoint, newest))
 
     # ---- Evaluation (metrics: .evaluation) and the model card (.model_card)
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -16,6 +16,7 @@ import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ...file_utils import remove_partial_writes
 from ..training_dataset import stored_image_pixel_values
@@ -69,8 +70,6 @@ def _encode_rows(model, images, rows: range, options: dict, bar=None) -> torch.T
     outputs = []
     for start in range(rows.start, rows.stop, options["batch_size"]):
         stop = min(start + options["batch_size"], rows.stop)
-        if bar is not None and start > rows.start:
-            bar.update(options["batch_size"])  # the previous batch is done
         pixels = torch.stack([stored_image_pixel_values(image, image_size, options["image_processor"])
                               for image in images[start:stop]["image"]]).to(device)
         if options["compute_dtype"] == "float32":
@@ -79,8 +78,8 @@ def _encode_rows(model, images, rows: range, options: dict, bar=None) -> torch.T
             with torch.autocast(device_type=torch.device(device).type, dtype=COMPUTE_DTYPES[options["compute_dtype"]]):
                 embeddings = model.get_image_embeddings(pixels)
         outputs.append(embeddings.to(device="cpu", dtype=STORAGE_DTYPES[options["dtype"]]))
-    if bar is not None:
-        bar.update(rows.stop - start)
+        if bar is not None:
+            bar.update(stop - start)
     return torch.cat(outputs)
 
 
@@ -112,9 +111,16 @@ def _build_split(model, split, name, directory, fingerprint, model_name, options
     image_ids = [int(i) for i in split["image_id"]]
     if len(set(image_ids)) != count:
         raise ValueError(f"split {name!r} has repeated image_id values; the cache is keyed by image_id")
-    num_shards = -(-count // shard_size)
     identity = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint["fingerprint"],
                 "split_fingerprint": split_fingerprint(split, name), "shard_size": shard_size, "count": count, "dtype": dtype}
+    # The shard size cuts a cache into files; it is not part of what the cache holds. A cache of these
+    # inputs written with another shard size (cache_embeddings.py --shard_size 4, then train.py's 64)
+    # is reused, or finished, with its own.
+    existing = read_json(directory, MANIFEST_FILE)
+    if existing is not None and all(existing.get(key) == value for key, value in identity.items() if key != "shard_size") \
+            and isinstance(existing.get("shard_size"), int) and existing["shard_size"] >= 1:
+        shard_size = identity["shard_size"] = existing["shard_size"]
+    num_shards = -(-count // shard_size)
     # (C, h, w) as the model's forward expects image_embeddings; checked against what the encoder returns.
     shape = [model.config.mask_decoder_config.hidden_size, model.config.image_embedding_size, model.config.image_embedding_size]
     manifest, reused = _resume(directory, identity, shape, num_shards, options["verify"] == "checksum")
@@ -123,8 +129,6 @@ def _build_split(model, split, name, directory, fingerprint, model_name, options
     images = split.select_columns(["image"])
     started = time.perf_counter()
     done = sum(min(shard_size, count - index * shard_size) for index in reused)
-    from tqdm.auto import tqdm
-
     # Images per second of the encoder, on stderr like the other long steps; nothing when all is reused.
     bar = tqdm(total=count, initial=done, desc=f"embedding cache [{name}]", unit="img", dynamic_ncols=True,
                disable=not options.get("progress", True) or done == count)
