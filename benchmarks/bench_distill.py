@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does our distillation help? A rerunnable study on the synthetic PCB data, offline, on CPU.
 
-    python benchmarks/bench_distill.py                       # the full study (3 seeds, 600 student steps)
+    python benchmarks/bench_distill.py                       # the full study (3 seeds, 300 student steps)
     python benchmarks/bench_distill.py --student_steps 120 --teacher_steps 600 --threads 1   # reduced (busy machine)
 
 What it does (everything under --work_dir; the teacher and the data are reused when present):
@@ -9,10 +9,10 @@ What it does (everything under --work_dir; the teacher and the data are reused w
 1. Data: the synthetic PCB generator (``data/make_synthetic_pcb.py``), --num_train training and
    --num_validation validation images, converted once. The same training file with every
    ``segmentation`` removed is converted as a box-only split (``box_only_splits``), for part 3.
-2. Teacher: ``recipes/study/teacher.json`` (the quickstart model: encoder width 96, 4 blocks) trained
+2. Teacher: ``recipes/study/teacher.json`` (the quickstart model at 128 px input: encoder width 96, 4 blocks) trained
    from random weights for --teacher_steps on all training images. It must be clearly stronger than the
    student alone; the table shows both.
-3. Students: ``recipes/study/student.json`` (width 48, 2 blocks, same decoder), from random weights,
+3. Students: ``recipes/study/student.json`` (the quickstart student at 128 px: width 48, 2 blocks, same decoder), from random weights,
    encoder trained, --student_steps each, the same data order per seed, for each setting:
    ``alone``; ``soft_label`` (mask KD + IoU KD), ``feature`` (decoder features + image embedding),
    ``attention`` (decoder attention), each alone with our schedule; ``all_ours`` (every term, our

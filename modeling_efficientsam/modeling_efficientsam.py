@@ -12,7 +12,10 @@ ship it for ``trust_remote_code`` loading where this package is not installed.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_efficientsam import (  # noqa: F401  (MAX_POINTS_PER_QUERY is re-exported with the labels)
     MAX_POINTS_PER_QUERY,
@@ -28,6 +31,8 @@ from .configuration_efficientsam import (  # noqa: F401  (MAX_POINTS_PER_QUERY i
     EfficientSamMaskDecoderConfig,
     EfficientSamVisionConfig,
 )
+
+logger = logging.get_logger(__name__)
 
 # Point labels understood by the prompt encoder.
 LABEL_PADDING = -1
@@ -72,6 +77,70 @@ class EfficientSamImageSegmentationOutput(ModelOutput):
     upscaled_embeddings: Optional[torch.FloatTensor] = None
 
 
+# ----------------------------------------------------------------------------------------------
+# Half precision on CPU: used only where the CPU computes it natively
+# ----------------------------------------------------------------------------------------------
+#: Environment variable: "1" / "0" declares that the CPU does / does not compute bfloat16 and float16
+#: natively, instead of detecting it (for machines the detection gets wrong, and for tests).
+CPU_NATIVE_HALF_PRECISION_ENV = "EFFICIENTSAM_CPU_NATIVE_HALF"
+# /proc/cpuinfo flags of hardware half-precision arithmetic, per dtype: x86 (flags) and ARM (Features).
+_X86_HALF_PRECISION_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+_ARM_HALF_PRECISION_FLAGS = {torch.bfloat16: ("bf16",), torch.float16: ("asimdhp",)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    """The CPU feature flags of /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_half_precision_is_native(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether PyTorch computes `dtype` (bfloat16 or float16) with hardware support on this CPU.
+
+    x86: ATen's kernel level (`torch.backends.cpu.get_cpu_capability()`, which `ATEN_CPU_CAPABILITY`
+    can lower) is AVX512 and /proc/cpuinfo lists avx512_bf16 or amx_bf16 (avx512_fp16 or amx_fp16 for
+    float16). ARM Linux: the bf16 (asimdhp) feature. Anywhere else, or without /proc/cpuinfo: False.
+    `EFFICIENTSAM_CPU_NATIVE_HALF=1` (or `0`) overrides the detection.
+    """
+    override = os.environ.get(CPU_NATIVE_HALF_PRECISION_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if dtype not in _X86_HALF_PRECISION_FLAGS:
+        return False
+    flags = _cpu_flags()
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return any(flag in flags for flag in _X86_HALF_PRECISION_FLAGS[dtype])
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return any(flag in flags for flag in _ARM_HALF_PRECISION_FLAGS[dtype])
+    return False
+
+
+def _cpu_autocast_without_native_support(device: torch.device) -> bool:
+    """True (and one log line) when CPU autocast asks for a half precision this CPU emulates: the
+    model then runs in float32, which is faster there (bf16 without hardware support is several times
+    slower than float32)."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.float32 or cpu_half_precision_is_native(dtype):
+        return False
+    name = str(dtype).replace("torch.", "")
+    logger.warning_once(
+        f"This CPU has no native {name} arithmetic (ATen capability {torch.backends.cpu.get_cpu_capability()}): "
+        f"EfficientSAM runs in float32 instead of {name} autocast, which is faster here "
+        f"(set {CPU_NATIVE_HALF_PRECISION_ENV}=1 to force half precision)."
+    )
+    return True
+
+
 def _activation(name: str) -> nn.Module:
     if name != "gelu":
         raise ValueError(f"EfficientSAM uses exact GELU; hidden_act={name!r} is not supported")
@@ -106,11 +175,12 @@ def _attention(query, key, value, implementation: Optional[str], return_weights:
 
     The eager branch is the reference arithmetic of the original implementation; the sdpa branch
     is the fused kernel (same result up to float rounding), except for half-precision attention on
-    CPU, where `_blocked_attention` is faster (same math; see the thresholds above).
-    Attention weights need the eager branch.
+    a CPU with native half precision, where `_blocked_attention` is faster (same math; see the
+    thresholds above). Attention weights need the eager branch.
     """
     if implementation in (None, "sdpa") and not return_weights:
-        if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+        if (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+                and cpu_half_precision_is_native(query.dtype)):
             training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
             if not training or query.shape[-2] * key.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS:
                 return _blocked_attention(query, key, value), None
@@ -122,6 +192,13 @@ def _attention(query, key, value, implementation: Optional[str], return_weights:
     weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
     weights = weights.softmax(dim=-1)
     return torch.matmul(weights, value), weights
+
+
+def _as_float32(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Half-precision floating tensors as float32 (for the float32 fallback); anything else unchanged."""
+    if tensor is not None and tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.float()
+    return tensor
 
 
 class EfficientSamLayerNorm2d(nn.Module):
@@ -722,8 +799,9 @@ class EfficientSamMaskDecoder(nn.Module):
         norm = self.upscale_norm
         batch = image.shape[0]
         with torch.autocast(image.device.type, enabled=False):
-            first = torch.addmm(bias1, image.reshape(-1, image.shape[-1]).to(dtype), weight1).reshape(batch, -1)
-            normalized = F.layer_norm(first.to(stat), first.shape[1:], eps=norm.eps).reshape(batch, -1, norm.num_channels)
+            first = torch.addmm(bias1, image.reshape(-1, image.shape[-1]).to(dtype), weight1).reshape(batch, 1, -1)
+            # one group: normalize over every channel and pixel of a query, then the per-channel affine
+            normalized = F.group_norm(first.to(stat), 1, eps=norm.eps).reshape(batch, -1, norm.num_channels)
             normalized = torch.addcmul(norm.bias.to(stat), normalized, norm.weight.to(stat))
             second = torch.addmm(bias2, F.gelu(normalized).to(dtype).reshape(-1, norm.num_channels), weight2)
         return F.gelu(second).reshape(batch, -1, weight2.shape[1] // 4)
@@ -866,6 +944,9 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized pixels -> (B, C, h, w) image embeddings."""
         self._check_pixel_values(pixel_values)
+        if _cpu_autocast_without_native_support(pixel_values.device):
+            with torch.autocast("cpu", enabled=False):
+                return self.vision_encoder(_as_float32(pixel_values))[0]
         return self.vision_encoder(pixel_values)[0]
 
     # -- input checks -----------------------------------------------------------------------
@@ -979,6 +1060,14 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
                 "give exactly one of pixel_values (B, 3, S, S) or image_embeddings (B, C, h, w); got "
                 + ("both" if pixel_values is not None else "neither")
             )
+        if _cpu_autocast_without_native_support((pixel_values if pixel_values is not None else image_embeddings).device):
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(
+                    pixel_values=_as_float32(pixel_values), image_embeddings=_as_float32(image_embeddings),
+                    input_points=input_points, input_labels=input_labels, input_boxes=input_boxes,
+                    multimask_output=multimask_output, output_attentions=output_attentions,
+                    output_hidden_states=output_hidden_states, return_dict=return_dict,
+                )
         vision_hidden_states = None
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)

@@ -394,9 +394,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_autocast_is_close_to_float32():
+def test_bfloat16_autocast_is_close_to_float32(monkeypatch):
     """Tolerance: bf16 keeps 8 mantissa bits, so logits are compared relative to their scale
-    (max error below 5% of the largest logit) and binary masks must agree on 97% of pixels."""
+    (max error below 5% of the largest logit) and binary masks must agree on 97% of pixels.
+    The half-precision path is forced, so that CPUs without native bf16 (which run float32
+    instead, see test_speed_paths.py) test it too."""
+    monkeypatch.setenv("EFFICIENTSAM_CPU_NATIVE_HALF", "1")
     torch.manual_seed(0)
     model = EfficientSamModel(tiny_config(initializer_range=0.05)).eval()
     pixels, boxes = torch.randn(2, 3, 64, 64), random_prompts()
@@ -571,3 +574,39 @@ def test_presets_equal_the_original_constructor_numbers():
         converted = config_from_original({**ORIGINAL_COMMON, **numbers}).to_dict()
         assert ours == converted, variant
     assert EfficientSamConfig.from_variant("ViT-S").vision_config.hidden_size == 384
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder's folded image attentions (see EfficientSamDecoderAttention)
+# ----------------------------------------------------------------------------------------------
+
+
+def _decoder_attention_inputs(shared: bool):
+    torch.manual_seed(0)
+    config = tiny_config()
+    attention = EfficientSamModel(config).mask_decoder.transformer.layers[1].cross_attn_token_to_image.double()
+    generator = torch.Generator().manual_seed(1)
+    tokens, token_keys = (torch.randn(2, 3, 11, 32, generator=generator, dtype=torch.float64) for _ in range(2))
+    image_shape = (2, 16, 32) if shared else (2, 3, 16, 32)
+    image, image_keys = (torch.randn(*image_shape, generator=generator, dtype=torch.float64) for _ in range(2))
+    return attention, tokens, token_keys, image, image_keys
+
+
+def test_folded_token_to_image_attention_equals_the_projected_one():
+    attention, tokens, _, image, image_keys = _decoder_attention_inputs(shared=False)
+    expected, expected_weights = attention(tokens, image_keys, image, return_weights=True)
+    got, weights = attention.tokens_attend_to_image(tokens, image_keys, image)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_folded_image_to_token_attention_equals_the_projected_one(shared):
+    """With the residual; `shared`: one image stream for all queries of an image (the first layer)."""
+    attention, tokens, token_keys, image, image_keys = _decoder_attention_inputs(shared)
+    queries = tokens.shape[1]
+    per_query = (lambda t: t.unsqueeze(1).expand(-1, queries, -1, -1)) if shared else (lambda t: t)
+    expected = per_query(image) + attention(per_query(image_keys), token_keys, tokens)[0]
+    got = attention.image_attends_to_tokens(image_keys, token_keys, tokens, image)
+    assert got.shape == expected.shape == (2, 3, 16, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

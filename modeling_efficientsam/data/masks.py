@@ -114,43 +114,71 @@ def _cell_edges(source: int, target: int):
     return low, position - low
 
 
+def coverage_edges(shape, size) -> tuple:
+    """The summed-area-table rows and columns that ``mask_coverage`` reads for an ``(H, W)`` mask and
+    an ``(out_h, out_w)`` grid: every cell edge's integer part and the one after it, sorted."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    (height, width), rows_and_columns = shape, []
+    for source, target in ((height, out_h), (width, out_w)):
+        low, _ = _cell_edges(source, target)
+        rows_and_columns.append(np.unique(np.concatenate([low, low + 1])))
+    return tuple(rows_and_columns)
+
+
+def coverage_from_prefix_counts(counts: np.ndarray, rows: np.ndarray, columns: np.ndarray, shape, size) -> np.ndarray:
+    """``mask_coverage`` from a summed-area table sampled at some edges only.
+
+    ``counts[i, j]`` is the number of foreground pixels in rows ``< rows[i]`` and columns ``< columns[j]``
+    of the ``shape`` = (H, W) mask; ``rows`` / ``columns`` are sorted and hold at least the edges of
+    :func:`coverage_edges`. The result is the same, bit for bit, whichever superset of the edges is given
+    (the integral is bilinear inside each pixel, so interpolating it at the cell edges is exact).
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    height, width = shape
+    y_low, y_frac = _cell_edges(height, out_h)
+    x_low, x_frac = _cell_edges(width, out_w)
+    table = np.asarray(counts, dtype=np.float64)
+    top = table[np.searchsorted(rows, y_low)]
+    bottom = table[np.searchsorted(rows, y_low + 1)]
+    along_y = top + (bottom - top) * y_frac[:, None]
+    left, right = along_y[:, np.searchsorted(columns, x_low)], along_y[:, np.searchsorted(columns, x_low + 1)]
+    integral = left + (right - left) * x_frac[None, :]
+    area = integral[1:, 1:] - integral[:-1, 1:] - integral[1:, :-1] + integral[:-1, :-1]
+    return area / ((height / out_h) * (width / out_w))
+
+
 def mask_coverage(mask: np.ndarray, size) -> np.ndarray:
     """Fraction of each cell of an ``(out_h, out_w)`` grid stretched over ``mask`` that is foreground.
 
     Exact (up to float rounding) for any source and target sizes, up- or downscaling. Memory stays
     O(out_h * W): only the summed-area-table rows at the cell edges are built.
     """
-    out_h, out_w = (size, size) if isinstance(size, int) else size
     mask = np.asarray(mask).astype(np.uint8, copy=False)
     height, width = mask.shape
-    y_low, y_frac = _cell_edges(height, out_h)
-    x_low, x_frac = _cell_edges(width, out_w)
+    rows, _ = coverage_edges(mask.shape, size)
     # Integral along y at the integer rows we need (row r = count of pixels in rows < r, per column).
-    rows = np.unique(np.concatenate([y_low, y_low + 1]))
     starts = np.unique(np.concatenate([[0], rows[rows < height]]))
     segment_sums = np.add.reduceat(mask, starts, axis=0, dtype=np.int64)
     boundaries = np.concatenate([starts, [height]])
     row_integral = np.concatenate([np.zeros((1, width), np.int64), np.cumsum(segment_sums, axis=0)])
     row_integral = row_integral[np.searchsorted(boundaries, rows)]
-    # Full 2-D integral at those rows and every column edge, then bilinear in y and x (the integral
-    # of a piecewise-constant image is bilinear inside each pixel, so this is exact).
+    # Full 2-D integral at those rows and every column edge, then bilinear in y and x.
     table = np.zeros((len(rows), width + 1), np.float64)
     np.cumsum(row_integral, axis=1, out=table[:, 1:])
-    top = table[np.searchsorted(rows, y_low)]
-    bottom = table[np.searchsorted(rows, y_low + 1)]
-    along_y = top + (bottom - top) * y_frac[:, None]
-    left, right = along_y[:, x_low], along_y[:, x_low + 1]
-    integral = left + (right - left) * x_frac[None, :]
-    area = integral[1:, 1:] - integral[:-1, 1:] - integral[1:, :-1] + integral[:-1, :-1]
-    return area / ((height / out_h) * (width / out_w))
+    return coverage_from_prefix_counts(table, rows, np.arange(width + 1), mask.shape, size)
 
 
-def resize_mask(mask: np.ndarray, size) -> np.ndarray:
-    """Low-resolution binary target (float32 in {0, 1}) by area coverage >= 0.5; see module doc."""
-    coverage = mask_coverage(mask, size)
+def target_from_coverage(coverage: np.ndarray) -> np.ndarray:
+    """Binary target (float32 in {0, 1}) from ``mask_coverage``: coverage >= 0.5, and a non-empty mask never
+    becomes empty (the cells of largest coverage are set when none reaches 0.5); see module doc."""
     target = coverage >= 0.5
     if not target.any():
         peak = coverage.max()
         if peak > 0:
             target = coverage >= peak - 1e-12
     return target.astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+    """Low-resolution binary target (float32 in {0, 1}) by area coverage >= 0.5; see module doc."""
+    return target_from_coverage(mask_coverage(mask, size))

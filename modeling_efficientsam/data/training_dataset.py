@@ -18,6 +18,7 @@ from PIL import Image
 from ..image_processing_efficientsam import EfficientSamImageProcessor
 from ..image_utils import to_rgb_array
 from ..processing_efficientsam import to_model_frame
+from .label_cache import open_label_cache
 from .masks import decode_rle, resize_mask
 from .prompts import (
     MAX_POINTS_PER_QUERY,
@@ -79,6 +80,11 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
     (masks stretched like the image, area coverage >= 0.5, see masks.py); ``category_ids`` (Q,)
     int64 ClassLabel indices; ``original_size`` (2,) int64 (H, W); ``image_id`` int64 scalar;
     and with ``return_full_resolution_masks`` ``full_resolution_labels`` (Q, H, W) bool.
+
+    Targets (and, for point prompts, each object's mask cut to its window) are prepared once per
+    split and mask size and read from disk afterwards (``label_cache``, see label_cache.py: "auto"
+    keeps them in ``labels/`` of the saved dataset folder; a folder; or False to compute them for
+    every item). Items are the same either way.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
         return_full_resolution_masks: bool = False,
         image_processor=None,
         embedding_reader: Optional[Callable[[int], dict]] = None,
+        label_cache="auto",
     ):
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
@@ -130,6 +137,7 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
         self._metadata = hf_split.select_columns(_METADATA_COLUMNS)
         self._images = hf_split.select_columns(["image"]) if embedding_reader is None else None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._labels = open_label_cache(hf_split, mask_size, label_cache, points=prompt_mode != "box")
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
@@ -144,11 +152,17 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
     def _generator(self, index: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, index])))
 
-    def _query(self, obj: dict, mask: np.ndarray, width: int, height: int, rng: np.random.Generator):
+    def _query(self, obj: dict, window: Callable[[], tuple], width: int, height: int, rng: np.random.Generator):
+        """``window()``: (row, column, mask) of the object's mask cut to a window that holds the object and
+        its box's pixels (the whole mask at (0, 0) without the label cache); points are drawn in it and
+        shifted back, which draws exactly what drawing in the whole mask would."""
         use_points = self.prompt_mode == "point" or (self.prompt_mode == "mixed" and rng.random() < self.point_probability)
         if use_points:
-            positive = sample_positive_points(mask, self.num_positive_points, rng)
-            negative = sample_negative_points(mask, obj["box"], self.num_negative_points, rng)
+            top, left, mask = window()
+            x1, y1, x2, y2 = (float(v) for v in obj["box"])
+            positive = sample_positive_points(mask, self.num_positive_points, rng) + (left, top)
+            negative = sample_negative_points(mask, (x1 - left, y1 - top, x2 - left, y2 - top), self.num_negative_points,
+                                              rng) + (left, top)
             points, labels = point_query(positive, negative)
         else:
             points, labels = box_query(jitter_box(obj["box"], width, height, self.box_noise_scale, rng))
@@ -158,15 +172,22 @@ class EfficientSamTrainingDataset(torch.utils.data.Dataset):
         row = self._metadata[int(index)]
         width, height = int(row["width"]), int(row["height"])
         rng = self._generator(int(index))
-        candidates = [obj for obj in row["objects"] if not obj["iscrowd"]]
+        objects = row["objects"]
+        candidates = [position for position, obj in enumerate(objects) if not obj["iscrowd"]]
         count = len(candidates) if self.max_objects is None else min(self.max_objects, len(candidates))
-        chosen = [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)] if count else []
+        picked = [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)] if count else []
+        chosen = [objects[position] for position in picked]
 
         queries, targets, full_masks = [], [], []
-        for obj in chosen:
-            mask = decode_rle(obj["mask"])
-            queries.append(self._query(obj, mask, width, height, rng))
-            targets.append(resize_mask(mask, self.mask_size))
+        for position, obj in zip(picked, chosen):
+            mask = decode_rle(obj["mask"]) if self._labels is None or self.return_full_resolution_masks else None
+            if self._labels is None:
+                queries.append(self._query(obj, lambda: (0, 0, mask), width, height, rng))
+                targets.append(resize_mask(mask, self.mask_size))
+            else:  # prepared once (label_cache.py): no full-resolution mask work
+                window = lambda: self._labels.window(int(index), position, len(objects))  # noqa: E731
+                queries.append(self._query(obj, window, width, height, rng))
+                targets.append(self._labels.target(int(index), position, len(objects)))
             if self.return_full_resolution_masks:
                 full_masks.append(mask)
         num_points = max([len(labels) for _, labels in queries], default=1)

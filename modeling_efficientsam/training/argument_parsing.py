@@ -149,7 +149,7 @@ def _with_source(error: Exception, names, sources: Dict[str, str], argv: Sequenc
         where = None
     if where and where not in message:
         message = f"{message} ({where})"
-    default_fix = f"set {name} to an accepted value" if name else "correct the value"
+    default_fix = f"set {name} to an accepted value" if name and message.startswith(name) else "correct the arguments named above"
     return f"{message}. Fix: {fix or default_fix + ' (see `python train.py --help`)'}"
 
 
