@@ -35,7 +35,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,113 +46,12 @@ from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor
 from modeling_efficientsam.data import read_coco_json
 from modeling_efficientsam.file_utils import write_json_atomic
 
+from benchmark_utils import MAX_ATTEMPTS, MAX_OTHERS, WATCH, machine_record, measure  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks" / "results" / "inference_cpu.json"
 MODES = {"fp32": None, "bf16_autocast": torch.bfloat16}
-
-
-def cpu_description() -> dict:
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    return {
-        "cpu": model_name,
-        "logical_cpus": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "platform": platform.platform(),
-    }
-
-
-class CpuWatch:
-    """CPU time used by *other* processes during a measurement, from /proc/stat minus our own usage.
-
-    On a shared machine another process competing for the cores makes a timing meaningless (with
-    OpenMP's spinning thread barriers, a 20x slowdown of the small decoder ops is common). Each
-    timed run is therefore checked: ``others`` is the average number of cores other processes used
-    while it ran; a run with ``others > max_others`` is rejected and repeated.
-    """
-
-    def __init__(self, patience: float = 120.0):
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.available = Path("/proc/stat").exists()
-        self.patience = patience  # total seconds this run may spend waiting for, or retrying into, quiet
-
-    @property
-    def patient(self) -> bool:
-        return self.patience > 0
-
-    def _busy_seconds(self) -> float:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return (sum(fields) - fields[3] - fields[4]) / self.tick  # all but idle and iowait
-
-    @staticmethod
-    def _own_seconds() -> float:
-        times = os.times()
-        return times.user + times.system + times.children_user + times.children_system
-
-    def start(self):
-        return (time.perf_counter(), self._busy_seconds() if self.available else 0.0, self._own_seconds())
-
-    def stop(self, started) -> tuple:
-        wall = time.perf_counter() - started[0]
-        if not self.available:
-            return wall, 0.0
-        others = (self._busy_seconds() - started[1]) - (self._own_seconds() - started[2])
-        return wall, max(0.0, others) / max(wall, 1e-9)
-
-    def wait_for_quiet(self, max_others: float) -> None:
-        """Wait until other processes use less than ``max_others`` cores over 0.5 s, while patience lasts."""
-        while self.available and self.patient:
-            mark = self.start()
-            time.sleep(0.5)
-            wall, others = self.stop(mark)
-            if others <= max_others:
-                return
-            self.patience -= wall
-
-
-WATCH = CpuWatch()
-MAX_OTHERS = 0.15  # cores used by other processes during a run, above which the run is rejected
-MAX_ATTEMPTS = 4  # timed attempts per accepted run before the least disturbed one is kept
-
-
-def measure(function, repeats: int) -> dict:
-    """Warm up once, then collect ``repeats`` undisturbed timings (see :class:`CpuWatch`).
-
-    Returns ``seconds`` (the fastest accepted run), ``runs`` (every attempt: wall seconds and the
-    cores other processes used meanwhile) and ``clean`` (False if some run had to be kept although
-    it was disturbed, after ``MAX_ATTEMPTS`` tries).
-    """
-    function()  # warm-up
-    accepted, runs, clean = [], [], True
-    for _ in range(repeats):
-        best = None
-        for _ in range(MAX_ATTEMPTS):
-            WATCH.wait_for_quiet(MAX_OTHERS)
-            mark = WATCH.start()
-            function()
-            wall, others = WATCH.stop(mark)
-            runs.append({"seconds": round(wall, 4), "other_cores": round(others, 3)})
-            if best is None or others < best[1]:
-                best = (wall, others)
-            if others <= MAX_OTHERS:
-                break
-            WATCH.patience -= wall
-            if not WATCH.patient:
-                break
-        clean = clean and best[1] <= MAX_OTHERS
-        accepted.append(best[0])
-    return {"seconds": min(accepted), "runs": runs, "clean": clean}
 
 
 def _context(dtype):
@@ -332,7 +230,7 @@ def main(argv=None) -> int:
         sections[name] = run_info
     result = {
         "device": "cpu",
-        "device_description": cpu_description(),
+        "device_description": machine_record(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": run_info["date"],

@@ -1,151 +1,330 @@
-"""Model throughput: encoder images/s and decoder queries/s for ViT-T and ViT-S at 1024 input.
+"""Model speed on the machine it runs on: the decoder training step, the encoder, half precision.
 
-    python benchmarks/bench_model.py [--variants vitt vits] [--repeats 2] [--queries 16]
+    python benchmarks/bench_model.py                                   # every section (~10-20 min on 2 cores)
+    python benchmarks/bench_model.py --sections decoder_train          # one section; the others keep their numbers
+    python benchmarks/bench_model.py --sections encoder --variants vitt
 
-For each variant it measures eager vs sdpa attention and float32 vs bfloat16 autocast, the encoder
-forward (images/s) and the decoder forward and forward+backward (queries/s, decoder only, from
-precomputed embeddings, as in decoder fine-tuning). Ratios are taken within one run, since shared
-machines are noisy. Results go to ``benchmarks/results/model_<device>.json`` and a Markdown table is
-printed (paste it into benchmarks/README.md).
+Sections (results merge into ``benchmarks/results/model_cpu.json``; every section stores the CPU
+record of :mod:`benchmark_utils`: model, ATen capability, native bf16, threads, load average):
+
+* ``decoder_train``: one decoder fine-tuning step from cached embeddings (prompt encoder and mask
+  decoder forward, the project's segmentation loss, backward; frozen image and prompt encoders), ViT-T,
+  ``--images`` x ``--queries`` box queries (2 x 8). Variants, timed in turn round after round in this
+  one process: the decoder before the speed work (``reference_decoder.py``, float32), the current
+  one in float32, in bf16 autocast (what it computes in is recorded: float32 without native bf16), and
+  under ``torch.compile``. FLOPs per step are counted with ``torch.utils.flop_counter`` for both
+  decoders; with the float32 peak of a large matrix product measured in the same run they give the
+  fraction of the machine's peak reached (counting the reference's arithmetic, and the executed one).
+* ``encoder``: encoder images/s and decoder inference queries/s, eager vs sdpa, fp32 vs bf16 autocast,
+  for ``--variants`` at 1024 (batch 1, ``--queries`` boxes), with the largest embedding difference vs
+  eager fp32.
+* ``precision``: the decoder training step and the ViT-T encoder in a subprocess that emulates a CPU
+  without native bf16 (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``,
+  ``MKL_ENABLE_INSTRUCTIONS=AVX2``): float32, bf16 autocast as the model handles it (it falls back
+  to float32 there) and bf16 forced (``EFFICIENTSAM_CPU_NATIVE_HALF=1``, what the fallback avoids);
+  and the same three on this CPU as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
-import platform
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
+from modeling_efficientsam.file_utils import write_json_atomic
+from modeling_efficientsam.modeling_efficientsam import CPU_NATIVE_HALF_PRECISION_ENV
+from modeling_efficientsam.precision import autocast_dtype
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmark_utils import interleaved, machine_record, matmul_peak, measure  # noqa: E402  (benchmarks/ is on sys.path)
+from reference_decoder import ReferenceMaskDecoder  # noqa: E402
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    return "cpu"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+RESULTS = Path(__file__).resolve().parent / "results" / "model_cpu.json"
+EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def timed(function, repeats: int, device: torch.device) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    function()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def bench_variant(variant: str, device: torch.device, repeats: int, queries: int, batch: int) -> dict:
+# ------------------------------------------------------------------------------------------------
+# The decoder training step
+# ------------------------------------------------------------------------------------------------
+def decoder_models(variant: str = "vitt", seed: int = 0):
+    """(current model, the same weights with the reference decoder), encoders frozen as in decoder fine-tuning."""
+    torch.manual_seed(seed)
+    model = EfficientSamModel(EfficientSamConfig.from_variant(variant))
+    model.vision_encoder.requires_grad_(False)
+    model.prompt_encoder.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    reference.mask_decoder = ReferenceMaskDecoder(model.config.mask_decoder_config)
+    reference.mask_decoder.load_state_dict(model.mask_decoder.state_dict())
+    return model.train(), reference.train()
+
+
+def decoder_batch(config, images: int, queries: int, seed: int = 0) -> dict:
+    """Cached-embedding inputs of a training step: embeddings, box prompts and blob-shaped targets."""
+    generator = torch.Generator().manual_seed(seed)
+    size, grid, mask = config.image_size, config.image_embedding_size, config.low_res_mask_size
+    corners = torch.rand(images, queries, 2, 2, generator=generator) * (size - 64)
+    boxes = torch.cat([corners.min(2).values, corners.max(2).values + 64], dim=-1)
+    ys, xs = torch.meshgrid(torch.arange(mask), torch.arange(mask), indexing="ij")
+    scaled = boxes * (mask / size)
+    centre_x, centre_y = (scaled[..., 0] + scaled[..., 2]) / 2, (scaled[..., 1] + scaled[..., 3]) / 2
+    radius_x, radius_y = (scaled[..., 2] - scaled[..., 0]) / 2, (scaled[..., 3] - scaled[..., 1]) / 2
+    labels = (((xs - centre_x[..., None, None]) / radius_x[..., None, None]) ** 2
+              + ((ys - centre_y[..., None, None]) / radius_y[..., None, None]) ** 2 <= 1).float()
+    return {"image_embeddings": torch.randn(images, config.image_embedding_width, grid, grid, generator=generator),
+            "input_boxes": boxes, "labels": labels, "query_mask": torch.ones(images, queries, dtype=torch.bool)}
+
+
+def training_step(model, batch: dict, dtype=None):
+    """Forward (under ``dtype`` autocast when given), the segmentation loss, backward; returns the loss."""
+    from modeling_efficientsam.training.losses import segmentation_loss
+
+    model.zero_grad(set_to_none=True)
+    with _autocast(dtype):
+        outputs = model(image_embeddings=batch["image_embeddings"], input_boxes=batch["input_boxes"])
+    loss = segmentation_loss(pred_masks=outputs.pred_masks.float(), iou_scores=outputs.iou_scores.float(),
+                             labels=batch["labels"], query_mask=batch["query_mask"])["loss"]
+    loss.backward()
+    return loss.detach()
+
+
+def step_flops(model, batch: dict) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        training_step(model, batch)
+    return int(counter.get_total_flops())
+
+
+def bench_decoder_train(args) -> dict:
+    model, reference = decoder_models()
+    batch = decoder_batch(model.config, args.images, args.queries)
+    queries = args.images * args.queries
+    peak = matmul_peak()
+    flops = {"reference": step_flops(reference, batch), "current": step_flops(model, batch)}
+    native_bf16 = autocast_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    variants = {
+        "reference_fp32": lambda: training_step(reference, batch),
+        "current_fp32": lambda: training_step(model, batch),
+        "current_bf16_autocast": lambda: training_step(model, batch, torch.bfloat16),
+    }
+    compile_seconds = None
+    if args.compile:
+        compiled = torch.compile(model)
+        started = time.perf_counter()
+        training_step(compiled, batch)  # compilation (forward and backward graphs)
+        compile_seconds = round(time.perf_counter() - started, 1)
+        variants["current_fp32_compiled"] = lambda: training_step(compiled, batch)
+    print(f"decoder_train: {queries} queries per step, {args.rounds} rounds; FLOPs per step reference "
+          f"{flops['reference'] / 1e9:.1f} G, current {flops['current'] / 1e9:.1f} G; fp32 peak {peak['float32_gflops']} GFLOP/s",
+          flush=True)
+    timings = interleaved(variants, rounds=args.rounds)
+    reference_best = timings["reference_fp32"]["best"]
+    rows = {}
+    for name, timing in timings.items():
+        seconds = timing["best"]
+        executed = flops["reference" if name.startswith("reference") else "current"]
+        rows[name] = {
+            "queries_per_s": round(queries / seconds, 3),
+            "queries_per_s_median": round(queries / timing["median"], 3),
+            "seconds_per_step": round(seconds, 4),
+            "speedup_vs_reference_fp32": round(reference_best / seconds, 2),
+            "speedup_vs_reference_fp32_median": round(timings["reference_fp32"]["median"] / timing["median"], 2),
+            # GFLOP/s counting the reference decoder's arithmetic (the work the step stands for) and
+            # the arithmetic this variant executes; as fractions of the measured float32 peak
+            "reference_arithmetic_gflops": round(flops["reference"] / seconds / 1e9, 1),
+            "executed_gflops": round(executed / seconds / 1e9, 1),
+            "fraction_of_fp32_peak": round(flops["reference"] / seconds / 1e9 / peak["float32_gflops"], 3),
+            "computes_in": str(autocast_dtype("cpu", torch.bfloat16)).replace("torch.", "") if "bf16" in name else "float32",
+            "quiet_runs": sum(run["other_cores"] <= 0.15 for run in timing["runs"]),
+            "runs": timing["runs"],
+        }
+        print(f"  {name:<24} {rows[name]['queries_per_s']:7.2f} q/s (median {rows[name]['queries_per_s_median']:.2f}), "
+              f"x{rows[name]['speedup_vs_reference_fp32']:.2f} vs reference fp32, "
+              f"{rows[name]['fraction_of_fp32_peak']:.1%} of the fp32 peak", flush=True)
+    return {
+        "setup": {"variant": "vitt", "images": args.images, "queries_per_image": args.queries, "rounds": args.rounds,
+                  "step": "prompt encoder + mask decoder forward from cached embeddings, segmentation_loss, backward "
+                          "(frozen image and prompt encoders; no optimizer step)",
+                  "timing": "each variant once per round in turn; best and median over the rounds"},
+        "peak": peak,
+        "flops_per_step": flops,
+        "flops_per_query_forward_backward": {k: round(v / queries / 1e9, 2) for k, v in flops.items()},
+        "native_bf16": native_bf16,
+        "compile_seconds": compile_seconds,
+        "variants": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder and decoder inference (eager vs sdpa, fp32 vs bf16)
+# ------------------------------------------------------------------------------------------------
+def bench_variant(variant: str, repeats: int, queries: int, batch: int) -> dict:
     torch.manual_seed(0)
-    model = EfficientSamModel(EfficientSamConfig.from_variant(variant)).to(device).eval()
+    model = EfficientSamModel(EfficientSamConfig.from_variant(variant)).eval()
     size = model.config.image_size
-    pixels = torch.randn(batch, 3, size, size, device=device)
-    corners = torch.rand(batch, queries, 2, 2, device=device) * (size - 1)
+    pixels = torch.randn(batch, 3, size, size)
+    corners = torch.rand(batch, queries, 2, 2) * (size - 1)
     boxes = torch.cat([corners.min(2).values, corners.max(2).values + 1], dim=-1)
     results = {"variant": variant, "parameters": model.num_parameters(), "batch": batch, "queries_per_image": queries}
     embeddings = {}
     for implementation in ("eager", "sdpa"):
         model.config._attn_implementation = implementation
-        for dtype_name, autocast in (("fp32", False), ("bf16", True)):
+        for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             key = f"{implementation}_{dtype_name}"
-            context = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)  # noqa: E731
 
             def encode():
-                with torch.no_grad(), context():
+                with torch.no_grad(), _autocast(dtype):
                     return model.get_image_embeddings(pixels)
 
-            seconds = timed(encode, repeats, device)
+            encoder = measure(encode, repeats)
             embeddings[key] = encode().float()
-            results[f"encoder_images_per_s_{key}"] = batch / seconds
-
-            cached = embeddings[key].detach()
+            cached = embeddings[key]
 
             def decode():
-                with torch.no_grad(), context():
+                with torch.no_grad(), _autocast(dtype):
                     return model(image_embeddings=cached, input_boxes=boxes)
 
-            def decode_train():
-                model.zero_grad(set_to_none=True)
-                with context():
-                    out = model(image_embeddings=cached, input_boxes=boxes)
-                (out.pred_masks.float().mean() + out.iou_scores.float().mean()).backward()
-
-            results[f"decoder_queries_per_s_{key}"] = batch * queries / timed(decode, repeats, device)
-            results[f"decoder_train_queries_per_s_{key}"] = batch * queries / timed(decode_train, repeats, device)
-            print(f"{variant} {key}: encoder {results[f'encoder_images_per_s_{key}']:.3f} img/s, "
-                  f"decoder {results[f'decoder_queries_per_s_{key}']:.1f} q/s, "
-                  f"decoder train {results[f'decoder_train_queries_per_s_{key}']:.1f} q/s", flush=True)
+            decoder = measure(decode, repeats)
+            results[f"encoder_images_per_s_{key}"] = round(batch / encoder["seconds"], 3)
+            results[f"decoder_queries_per_s_{key}"] = round(batch * queries / decoder["seconds"], 2)
+            results[f"undisturbed_{key}"] = encoder["clean"] and decoder["clean"]
+            print(f"  {variant} {key}: encoder {results[f'encoder_images_per_s_{key}']:.3f} img/s, "
+                  f"decoder {results[f'decoder_queries_per_s_{key}']:.1f} q/s", flush=True)
     reference = embeddings["eager_fp32"]
     results["max_embedding_difference_vs_eager_fp32"] = {
-        key: (value - reference).abs().max().item() for key, value in embeddings.items() if key != "eager_fp32"
+        key: float(f"{(value - reference).abs().max().item():.3g}") for key, value in embeddings.items() if key != "eager_fp32"
     }
     base = results["encoder_images_per_s_eager_fp32"]
     results["encoder_speedup_vs_eager_fp32"] = {
-        key: results[f"encoder_images_per_s_{key}"] / base for key in ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
+        key: round(results[f"encoder_images_per_s_{key}"] / base, 2) for key in ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
     }
+    results["bf16_computes_in"] = str(autocast_dtype("cpu", torch.bfloat16)).replace("torch.", "")
     return results
 
 
-def markdown(all_results: list[dict], device: str) -> str:
-    lines = [
-        f"Device: {device}",
-        "",
-        "| variant | attention | precision | encoder img/s | speed-up vs eager fp32 | decoder q/s | decoder train q/s | max embedding diff vs eager fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for result in all_results:
-        base = result["encoder_images_per_s_eager_fp32"]
-        for implementation in ("eager", "sdpa"):
-            for precision in ("fp32", "bf16"):
-                key = f"{implementation}_{precision}"
-                diff = result["max_embedding_difference_vs_eager_fp32"].get(key, 0.0)
-                lines.append(
-                    f"| {result['variant']} | {implementation} | {precision} | {result[f'encoder_images_per_s_{key}']:.3f} | "
-                    f"{result[f'encoder_images_per_s_{key}'] / base:.2f}x | {result[f'decoder_queries_per_s_{key}']:.1f} | "
-                    f"{result[f'decoder_train_queries_per_s_{key}']:.1f} | {diff:.2e} |"
-                )
-    return "\n".join(lines)
+def bench_encoder(args) -> dict:
+    return {"results": [bench_variant(v, args.repeats, args.queries, 1) for v in args.variants]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["vitt", "vits"])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--queries", type=int, default=16, help="box queries per image for the decoder")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    name = device_name(device)
-    all_results = [bench_variant(v, device, args.repeats, args.queries, args.batch) for v in args.variants]
-    record = {
-        "device": name,
-        "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "results": all_results,
+# ------------------------------------------------------------------------------------------------
+# Half precision with and without native support
+# ------------------------------------------------------------------------------------------------
+def precision_measurements(args) -> dict:
+    """fp32, bf16 autocast as the model handles it, bf16 forced: decoder training step and encoder."""
+    model, _ = decoder_models()
+    batch = decoder_batch(model.config, args.images, args.queries)
+    pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+
+    def forced(function):
+        def run():
+            previous = os.environ.get(CPU_NATIVE_HALF_PRECISION_ENV)
+            os.environ[CPU_NATIVE_HALF_PRECISION_ENV] = "1"
+            try:
+                return function()
+            finally:
+                if previous is None:
+                    del os.environ[CPU_NATIVE_HALF_PRECISION_ENV]
+                else:
+                    os.environ[CPU_NATIVE_HALF_PRECISION_ENV] = previous
+        return run
+
+    def encode(dtype):
+        def run():
+            with torch.no_grad(), _autocast(dtype):
+                return model.get_image_embeddings(pixels)
+        return run
+
+    variants = {
+        "decoder_train_fp32": lambda: training_step(model, batch),
+        "decoder_train_bf16_autocast": lambda: training_step(model, batch, torch.bfloat16),
+        "decoder_train_bf16_forced": forced(lambda: training_step(model, batch, torch.bfloat16)),
+        "encoder_fp32": encode(None),
+        "encoder_bf16_autocast": encode(torch.bfloat16),
+        "encoder_bf16_forced": forced(encode(torch.bfloat16)),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"model_{name}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(markdown(all_results, name))
-    print(f"saved {path}")
+    timings = interleaved(variants, rounds=args.precision_rounds)
+    rows = {}
+    for name, timing in timings.items():
+        unit, count = ("queries_per_s", args.images * args.queries) if name.startswith("decoder") else ("images_per_s", 1)
+        rows[name] = {unit: round(count / timing["best"], 3), "seconds": round(timing["best"], 3), "runs": timing["runs"]}
+    for part in ("decoder_train", "encoder"):
+        fp32 = timings[f"{part}_fp32"]["best"]
+        for mode in ("bf16_autocast", "bf16_forced"):
+            rows[f"{part}_{mode}"]["speed_vs_fp32"] = round(fp32 / timings[f"{part}_{mode}"]["best"], 2)
+    return {"machine": machine_record(), "bf16_autocast_computes_in": str(autocast_dtype("cpu", torch.bfloat16)),
+            "variants": rows}
+
+
+def bench_precision(args) -> dict:
+    """This CPU as it is (in this process) and emulated without native bf16 (in a subprocess)."""
+    results = {"this_cpu": precision_measurements(args)}
+    env = dict(os.environ, **EMULATED_AVX2)
+    env.pop(CPU_NATIVE_HALF_PRECISION_ENV, None)
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "precision", "--images", str(args.images),
+               "--queries", str(args.queries), "--precision_rounds", str(args.precision_rounds)]
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 or not lines:
+        raise SystemExit(f"the emulated-AVX2 worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
+    results["emulated_avx2"] = json.loads(lines[-1][len("RESULT "):])
+    results["emulated_avx2"]["environment"] = EMULATED_AVX2
+    for where, result in results.items():
+        for name, row in result["variants"].items():
+            if "speed_vs_fp32" in row:
+                print(f"  {where:<14} {name:<28} {row['speed_vs_fp32']:.2f}x the float32 speed", flush=True)
+    return results
+
+
+SECTIONS = {"decoder_train": bench_decoder_train, "encoder": bench_encoder, "precision": bench_precision}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--variants", nargs="+", default=["vitt", "vits"], help="encoder section: model sizes")
+    parser.add_argument("--repeats", type=int, default=2, help="encoder section: timed runs per measurement")
+    parser.add_argument("--images", type=int, default=2, help="decoder training step: images per step")
+    parser.add_argument("--queries", type=int, default=8, help="box queries per image")
+    parser.add_argument("--rounds", type=int, default=5, help="decoder_train: timed rounds over the variants")
+    parser.add_argument("--precision_rounds", type=int, default=2, help="precision: timed rounds over the variants")
+    parser.add_argument("--no_compile", dest="compile", action="store_false", help="decoder_train: skip torch.compile")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker == "precision":
+        print("RESULT " + json.dumps(precision_measurements(args)), flush=True)
+        return 0
+
+    stored = json.loads(args.output.read_text()) if args.output.exists() else {}
+    sections = stored.get("sections", {})
+    for name in args.sections:
+        machine = machine_record()
+        print(f"== {name} ({machine['summary']}, load {machine['load_average_1min']})", flush=True)
+        started = time.perf_counter()
+        result = SECTIONS[name](args)
+        result["machine"] = machine
+        result["machine_after"] = {"load_average_1min": machine_record()["load_average_1min"]}
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sections[name] = result
+        write_json_atomic(args.output, {"sections": sections}, indent=1)
+    print(f"wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -282,3 +282,22 @@ def test_resume_last_picks_the_newest_complete_checkpoint(tmp_path, minimal_reci
     assert training_args.resume_from_checkpoint == str(out / "checkpoint-4")
     with pytest.raises(ValueError, match="no complete checkpoint"):
         parse_efficientsam_args([minimal_recipe, "--resume_from_checkpoint", "last", "--output_dir", str(tmp_path / "empty")])
+
+
+def test_a_data_source_given_as_flags_replaces_the_recipes(tmp_path):
+    """`train.py recipes/pcb/finetune_vitt.yaml --dataset_name me/pcb` (documented in README.md) trains on the Hub dataset."""
+    recipe = _write(tmp_path / "coco.yaml", yaml.safe_dump({
+        "model_variant": "vitt", "init_from_scratch": True, "report_to": "none", "output_dir": str(tmp_path / "out"),
+        "train_annotations": "data/train.json", "train_images": "data/train", "validation_annotations": "data/valid.json",
+        "validation_images": "data/valid",
+    }))
+    _, data_args, _ = parse_efficientsam_args([recipe, "--dataset_name", "me/pcb"])
+    assert data_args.dataset_name == "me/pcb" and data_args.train_annotations is None and data_args.validation_images is None
+    _, data_args, _ = parse_efficientsam_args([recipe, "--dataset_path=prepared"])
+    assert data_args.dataset_path == "prepared" and data_args.train_images is None
+    _, data_args, _ = parse_efficientsam_args([recipe, "--train_annotations", "other.json"])  # same kind: only that value changes
+    assert (data_args.train_annotations, data_args.train_images) == ("other.json", "data/train")
+    with pytest.raises(ValueError, match="one source of data"):  # two sources on the command line stay an error
+        parse_efficientsam_args([recipe, "--dataset_name", "me/pcb", "--dataset_path", "prepared"])
+    _, data_args, _ = parse_efficientsam_args([recipe, "--dataset_name", "none"])  # switching nothing on keeps the recipe's
+    assert data_args.dataset_name is None and data_args.train_annotations == "data/train.json"

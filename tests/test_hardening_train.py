@@ -36,6 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 # Set-up: a tiny prepared dataset, its raw COCO files, a recipe; train.py loaded as a module
 # ------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """train.main sets transformers' verbosity and the package's logger levels; put them back afterwards."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    levels = {name: logging.getLogger(name).level for name in ("train", "modeling_efficientsam")}
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def train_script():
     spec = importlib.util.spec_from_file_location("train_script_under_test", REPO / "train.py")

@@ -184,6 +184,40 @@ def _guide_aliases(argv: List[str]) -> List[str]:
     return out
 
 
+# The ways to give a run its data: one on the command line replaces the recipe's (flags override the recipe).
+DATA_SOURCES = (
+    ("dataset_name", "dataset_revision"),
+    ("dataset_path",),
+    ("train_annotations", "train_images", "validation_annotations", "validation_images"),
+)
+
+
+def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
+    """Whether ``--name VALUE`` (or ``--name=VALUE``) is in argv with a VALUE other than none / null / empty."""
+    for index, item in enumerate(argv):
+        for spelling in (f"--{name}", f"--{name.replace('_', '-')}"):
+            if item == spelling:
+                value = argv[index + 1] if index + 1 < len(argv) else ""
+            elif item.startswith(spelling + "="):
+                value = item.split("=", 1)[1]
+            else:
+                continue
+            if value.strip().lower() not in ("", "none", "null"):
+                return True
+    return False
+
+
+def _drop_replaced_data_sources(values: Dict[str, Any], argv: Sequence[str]) -> None:
+    """A data source given as flags (``--dataset_name ...``) replaces the one the recipe names."""
+    chosen = [group for group in DATA_SOURCES if any(_given_on_command_line(argv, name) for name in group)]
+    if len(chosen) != 1:
+        return  # none given, or several: the dataclass refuses a mix with a clear message
+    for group in DATA_SOURCES:
+        if group is not chosen[0]:
+            for name in group:
+                values.pop(name, None)
+
+
 def _recipe_value_for_argparse(value):
     # Scalars become strings so argparse type-checks them exactly like command-line values.
     if isinstance(value, bool):
@@ -218,6 +252,7 @@ def parse_efficientsam_args(
         values.update(mapped)
         sources.update({key: config_path for key in mapped})
 
+    _drop_replaced_data_sources(values, argv)
     parser = argument_parser()
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
