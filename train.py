@@ -27,6 +27,7 @@ import transformers
 from transformers.trainer_utils import set_seed
 
 from modeling_efficientsam.data import CocoValidationError
+from modeling_efficientsam.demo.space import write_space_app
 from modeling_efficientsam.training import EfficientSamTrainer, TensorBoardOverlayCallback, parse_efficientsam_args, save_decoder_only
 from modeling_efficientsam.training.argument_parsing import argument_parser
 from modeling_efficientsam.training.dataset_building import (
@@ -128,6 +129,8 @@ def _train_and_save(trainer, model_args, training_args, eval_dataset) -> dict:
     if training_args.save_decoder_only and trainer.is_world_process_zero():
         save_decoder_only(trainer.model, os.path.join(training_args.output_dir, "decoder"), base_model=model_args.model_name_or_path)
     trainer.create_model_card()
+    if training_args.push_demo_app and trainer.is_world_process_zero():
+        write_space_app(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="EfficientSAM fine-tuned with modeling_efficientsam")
     trainer.end()  # closes trackers and tears the process group down

@@ -339,7 +339,7 @@ def test_train_py_runs_on_a_hub_dataset_id_and_names_it_in_the_card(pcb_hub_fold
         "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "learning_rate": 1e-3,
         "save_strategy": "no", "load_best_model_at_end": False, "eval_on_start": False, "report_to": "none",
         "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0, "num_overlay_images": 0,
-        "freeze_vision_encoder": False,
+        "freeze_vision_encoder": False, "push_demo_app": True,
     }))
     spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -351,3 +351,7 @@ def test_train_py_runs_on_a_hub_dataset_id_and_names_it_in_the_card(pcb_hub_fold
     assert {r.dataset_type for r in data.eval_results} == {"me/pcb"}
     mean_iou = next(r.metric_value for r in data.eval_results if r.metric_type == "mean_iou")
     assert mean_iou == pytest.approx(metrics["eval_mean_iou"])
+    # push_demo_app: the Space app lands beside the model, so push_to_hub uploads it too
+    app = tmp_path / "run" / "app.py"
+    compile(app.read_text(), str(app), "exec")
+    assert "trust_remote_code=True" in app.read_text() and "gradio" in (tmp_path / "run" / "requirements.txt").read_text()

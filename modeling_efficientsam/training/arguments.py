@@ -303,6 +303,7 @@ class EfficientSamTrainingArguments(TrainingArguments):
 
     # ---- saving ----------------------------------------------------------------------------------
     save_decoder_only: bool = field(default=False, metadata={"help": "Also write <output_dir>/decoder/: the mask decoder + prompt encoder weights alone, with the base model's name."})
+    push_demo_app: bool = field(default=False, metadata={"help": "Also write a Gradio app.py + requirements.txt into output_dir (so push_to_hub uploads them): a demo of the model that runs as a Hugging Face Space without this package."})
 
     def __post_init__(self):
         self._auto_select_cpu()
