@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_validation", type=int, default=30)
     parser.add_argument("--num_labelled", type=int, default=20)
     parser.add_argument("--num_boxed", type=int, default=200)
-    parser.add_argument("--teacher_steps", type=int, default=1500)
+    parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--student_steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -71,14 +71,18 @@ def test_wrong_box_points_replace_only_real_box_queries():
 
 
 # ---- two models for the trainer: an oracle that answers with its box, one blind to its prompt
-def box_oracle(model):
-    """``model`` whose masks are its box prompt, filled (+10 inside, -10 outside): uses its prompt and nothing else."""
+def box_oracle(model, fixed_box=None):
+    """``model`` whose masks are its box prompt, filled (+10 inside, -10 outside): uses its prompt and nothing
+    else. With ``fixed_box`` (xyxy in the model frame) it answers that box whatever it is asked."""
     forward = model.forward
     size, mask_size = model.config.image_size, model.config.low_res_mask_size
 
     def oracle_forward(**kwargs):
         out = forward(**kwargs)
-        points = kwargs["input_points"] * (mask_size / size)  # (B, Q, P, 2) in the mask frame
+        points = kwargs["input_points"]
+        if fixed_box is not None:
+            points = torch.tensor(fixed_box, dtype=torch.float32).reshape(2, 2).expand_as(points[..., :2, :])
+        points = points * (mask_size / size)  # (B, Q, P, 2) in the mask frame
         centres = torch.arange(mask_size, dtype=torch.float32) + 0.5
         inside_x = (centres >= points[..., 0, 0, None]) & (centres < points[..., 1, 0, None])  # (B, Q, m)
         inside_y = (centres >= points[..., 0, 1, None]) & (centres < points[..., 1, 1, None])
@@ -110,15 +114,48 @@ def _evaluate(tmp_path, synthetic_pcb_dataset, model, step=0):
     return trainer, trainer.evaluate()
 
 
-def test_trainer_evaluation_separates_a_prompt_user_from_a_prompt_ignorer(tmp_path, synthetic_pcb_dataset, caplog):
-    with caplog.at_level(logging.WARNING, logger="modeling_efficientsam"):
-        user, uses = _evaluate(tmp_path / "oracle", synthetic_pcb_dataset, box_oracle(tiny_model(initializer_range=0.1)), step=3)
-        blind, ignores = _evaluate(tmp_path / "blind", synthetic_pcb_dataset, prompt_blind(tiny_model(initializer_range=0.1)), step=3)
+def test_trainer_evaluation_separates_a_prompt_user_from_a_prompt_ignorer(tmp_path, synthetic_pcb_dataset):
+    user, uses = _evaluate(tmp_path / "oracle", synthetic_pcb_dataset, box_oracle(tiny_model(initializer_range=0.1)), step=3)
+    blind, ignores = _evaluate(tmp_path / "blind", synthetic_pcb_dataset, prompt_blind(tiny_model(initializer_range=0.1)), step=3)
     for metrics in (uses, ignores):
         assert {"eval_own_box_mean_iou", "eval_wrong_box_mean_iou", "eval_prompt_gap"} <= set(metrics)
         assert metrics["eval_own_box_mean_iou"] == pytest.approx(metrics["eval_mean_iou"])  # every eval query is a box
     assert uses["eval_mean_iou"] > 0.4 and uses["eval_wrong_box_mean_iou"] < 0.15 and uses["eval_prompt_gap"] > 0.3
     assert ignores["eval_prompt_gap"] == pytest.approx(0.0, abs=1e-9)  # the same answer whatever the box
+    assert user.prompt_dependence.warnings == []
+    # the random prompt-blind model barely segments: it is told so, not called a good model that ignores prompts
+    assert len(blind.prompt_dependence.warnings) == 1 and "barely segments" in blind.prompt_dependence.warnings[0]
+
+
+@pytest.fixture(scope="module")
+def one_big_object(tmp_path_factory, coco_writer):
+    """Three 64 x 64 images, each with one object covering most of the frame (the case of fact (a))."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from modeling_efficientsam.data import prepare_coco_dataset
+
+    directory = tmp_path_factory.mktemp("one_big_object")
+    images, annotations = [], []
+    for index, (x1, y1, x2, y2) in enumerate([(8, 8, 56, 56), (4, 10, 60, 58), (10, 4, 54, 60)]):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[y1:y2, x1:x2] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        images.append({"id": index + 1, "file_name": f"{index}.png", "image": Image.new("RGB", (64, 64), (40 * index, 90, 90))})
+        annotations.append({"id": index + 1, "image_id": index + 1, "category_id": 1, "iscrowd": 0, "area": int(mask.sum()),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")}})
+    path = coco_writer(directory / "coco", images, annotations)
+    return prepare_coco_dataset({"train": (path, path.parent), "validation": (path, path.parent)}, directory / "prepared")
+
+
+def test_a_model_that_answers_the_big_object_whatever_the_box_is_flagged(tmp_path, one_big_object, caplog):
+    with caplog.at_level(logging.WARNING, logger="modeling_efficientsam"):
+        user, uses = _evaluate(tmp_path / "user", one_big_object, box_oracle(tiny_model()), step=5)
+        blind, ignores = _evaluate(tmp_path / "blind", one_big_object, box_oracle(tiny_model(), fixed_box=(8, 8, 56, 56)), step=5)
+    # both score well with their own boxes; only the prompt user notices the box moved off the object
+    assert uses["eval_mean_iou"] > 0.8 and ignores["eval_mean_iou"] > 0.6
+    assert uses["eval_prompt_gap"] > 0.5 and ignores["eval_prompt_gap"] == pytest.approx(0.0, abs=1e-9)
     assert user.prompt_dependence.warnings == []
     assert len(blind.prompt_dependence.warnings) == 1 and "ignore its box prompts" in blind.prompt_dependence.warnings[0]
     assert sum("ignore its box prompts" in record.getMessage() for record in caplog.records) == 1
