@@ -36,6 +36,8 @@ from modeling_efficientsam.data import (
 from modeling_efficientsam.data.synthetic_pcb import make_synthetic_pcb
 from modeling_efficientsam.file_utils import write_json_atomic
 
+from benchmark_utils import machine_record, measure  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks" / "results" / "data_cpu.json"
@@ -204,23 +206,171 @@ def bench_embedding_cache(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# Big photos: 6000 x 4000 images, 10 objects each
+# ------------------------------------------------------------------------------------------------
+def _big_photo_coco(folder: Path, count: int, width: int, height: int, objects: int, seed: int = 0) -> tuple:
+    """A COCO folder of ``count`` synthetic photos (a smooth board-like background as JPEG) with
+    ``objects`` components each (rotated rectangles and ellipses of 150-1500 px), masks as RLE."""
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from modeling_efficientsam.data.masks import encode_mask
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        small = rng.integers(40, 200, (height // 200 + 1, width // 200 + 1, 3), dtype=np.uint8)
+        photo = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+        draw = ImageDraw.Draw(photo)
+        for number in range(objects):
+            size_x, size_y = rng.uniform(150, 1500, 2)
+            centre_x, centre_y = rng.uniform(size_x, width - size_x), rng.uniform(size_y, height - size_y)
+            angle = rng.uniform(0, math.pi)
+            if number % 2:
+                corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+            else:
+                corners = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+            polygon = [(centre_x + size_x / 2 * x * math.cos(angle) - size_y / 2 * y * math.sin(angle),
+                        centre_y + size_x / 2 * x * math.sin(angle) + size_y / 2 * y * math.cos(angle)) for x, y in corners]
+            canvas = Image.new("L", (width, height))
+            ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+            mask = np.asarray(canvas, dtype=bool)
+            draw.polygon(polygon, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1 + number % 3,
+                                "bbox": box, "area": int(mask.sum()), "iscrowd": 0, "segmentation": encode_mask(mask)})
+        name = f"photo_{index:03d}.jpg"
+        photo.save(folder / name, quality=90)
+        images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
+    categories = [{"id": i, "name": name} for i, name in ((1, "ic"), (2, "resistor"), (3, "capacitor"))]
+    annotation_file = folder / "_annotations.coco.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return annotation_file, folder
+
+
+def _per_item_seconds(dataset, passes: int) -> dict:
+    """Seconds per ``dataset[i]`` over every item (one untimed warm-up item first), via :func:`measure`."""
+    dataset[0]
+
+    def one_pass():
+        for index in range(len(dataset)):
+            dataset[index]
+
+    timing = measure(one_pass, passes)
+    return {"seconds_per_item": round(timing["seconds"] / len(dataset), 4), "undisturbed": timing["clean"],
+            "runs": timing["runs"]}
+
+
+def bench_big_photo(args) -> dict:
+    """Big photos (``--photo_count`` synthetic 6000 x 4000 JPEGs, 10 objects each): the per-item input cost
+    before (labels computed per item) and with the label and embedding caches, against one decoder
+    training step on the same image's queries, measured in this one run."""
+    from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
+    from modeling_efficientsam.data.embedding_cache import EmbeddingCacheReader, build_embedding_cache
+    from modeling_efficientsam.data.training_dataset import stored_image_pixel_values
+    from modeling_efficientsam.precision import autocast_dtype
+    from modeling_efficientsam.training.losses import segmentation_loss
+
+    width, height, objects = 6000, 4000, 10
+    work = Path(tempfile.mkdtemp(prefix="bench_big_photo_"))
+    try:
+        started = time.perf_counter()
+        coco = _big_photo_coco(work / "coco", args.photo_count, width, height, objects)
+        generate_s = time.perf_counter() - started
+        split = prepare_coco_dataset({"train": coco}, work / "dataset")["train"]
+        torch.manual_seed(0)
+        model = EfficientSamModel(EfficientSamConfig.from_variant("vitt"))  # random weights, ViT-T shapes
+        model.vision_encoder.requires_grad_(False)
+        model.prompt_encoder.requires_grad_(False)
+        image_size, mask_size = model.config.image_size, model.config.low_res_mask_size
+        options = dict(image_size=image_size, mask_size=mask_size, max_objects=objects, box_noise_scale=0.1)
+        result = {"photos": args.photo_count, "size": f"{width}x{height}", "objects_per_photo": objects,
+                  "generate_seconds": round(generate_s, 1)}
+
+        # before: every item decodes each chosen object's RLE at full resolution and resizes it
+        zeros = {"image_embeddings": torch.zeros(model.config.image_embedding_width, 64, 64)}
+        result["before_labels_per_item"] = _per_item_seconds(
+            EfficientSamTrainingDataset(split, label_cache=False, embedding_reader=lambda _: dict(zeros), **options), 1)
+        result["before_pixels_and_labels_per_item"] = _per_item_seconds(
+            EfficientSamTrainingDataset(split, label_cache=False, **options), 1)
+        started = time.perf_counter()
+        pixels = stored_image_pixel_values(split.select([0])[0]["image"], image_size)
+        result["pixel_conversion_seconds_per_photo"] = round(time.perf_counter() - started, 3)
+
+        # once per dataset: training targets (and point windows) and the embedding cache
+        started = time.perf_counter()
+        EfficientSamTrainingDataset(split, label_cache=work / "labels", embedding_reader=lambda _: dict(zeros),
+                                    prompt_mode="mixed", **options)
+        result["label_cache_build_seconds_per_photo"] = round((time.perf_counter() - started) / len(split), 3)
+        labels_bytes = sum(f.stat().st_size for f in (work / "labels").rglob("*.npy"))
+        result["label_cache_kib_per_photo"] = round(labels_bytes / len(split) / 1024, 1)
+        started = time.perf_counter()
+        with torch.no_grad():
+            cache = build_embedding_cache(datasets.DatasetDict({"train": split}), model, dtype="bfloat16", batch_size=1,
+                                          cache_root=work / "embeddings", device="cpu", progress=False)
+        result["embedding_cache_build_seconds_per_photo"] = round((time.perf_counter() - started) / len(split), 2)
+
+        # every epoch: embeddings, targets and prompts read from the caches
+        reader = EmbeddingCacheReader(cache, "train")
+        collate = EfficientSamCollator()
+        inputs = {}
+        for mode in ("box", "point"):
+            cached = EfficientSamTrainingDataset(split, label_cache=work / "labels", embedding_reader=reader,
+                                                 prompt_mode=mode, num_positive_points=1, num_negative_points=1, **options)
+            cached[0]
+            timing = measure(lambda: [collate([cached[i]]) for i in range(len(cached))], args.repeats)
+            inputs[mode] = {"seconds_per_image": round(timing["seconds"] / len(cached), 5), "undisturbed": timing["clean"],
+                            "runs": timing["runs"]}
+            if mode == "box":
+                batch = collate([cached[0]])
+        result["cached_input_per_image"] = inputs
+
+        # one decoder training step on the same image's queries (forward, loss, backward)
+        model.train()
+
+        def step(dtype=None):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                out = model(image_embeddings=batch["image_embeddings"], input_points=batch["input_points"],
+                            input_labels=batch["input_labels"])
+            segmentation_loss(pred_masks=out.pred_masks.float(), iou_scores=out.iou_scores.float(), labels=batch["labels"],
+                              query_mask=batch["query_mask"])["loss"].backward()
+
+        steps = {"fp32": measure(step, args.repeats)}
+        if autocast_dtype("cpu", torch.bfloat16) == torch.bfloat16:
+            steps["bf16_autocast"] = measure(lambda: step(torch.bfloat16), args.repeats)
+        result["decoder_step"] = {name: {"seconds": round(t["seconds"], 3), "queries": int(batch["query_mask"].sum()),
+                                         "undisturbed": t["clean"], "runs": t["runs"]} for name, t in steps.items()}
+        fastest = min(t["seconds"] for t in steps.values())
+        result["input_over_step"] = {
+            mode: round(inputs[mode]["seconds_per_image"] / fastest, 4) for mode in inputs
+        }
+        result["input_over_step_target"] = "at most 0.2 (input preparation at most 1/5 of the step)"
+        result["before_over_step"] = round(result["before_labels_per_item"]["seconds_per_item"] / fastest, 2)
+        del pixels
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 SECTIONS = {
     "conversion": bench_conversion,
     "synthetic_generation": bench_synthetic_generation,
     "input_pipeline": bench_input_pipeline,
     "embedding_cache": bench_embedding_cache,
+    "big_photo": bench_big_photo,
 }
 
 
 def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    machine = machine_record()
     return {
-        "device": f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        "device": f"CPU: {machine['summary']}, {machine['logical_cpus']} logical cores",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "datasets": datasets.__version__,
@@ -228,10 +378,17 @@ def environment() -> dict:
     }
 
 
+def _without_runs(value):
+    if isinstance(value, dict):
+        return {k: _without_runs(v) for k, v in value.items() if k != "runs"}
+    return value
+
+
 def print_table(name: str, result: dict) -> None:
     print(f"\n== {name}")
     width = max(len(key) for key in result)
     for key, value in result.items():
+        value = value["summary"] if key == "machine" else _without_runs(value)
         print(f"  {key:<{width}}  {value}")
 
 
@@ -246,6 +403,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--cache_images", type=int, default=8, help="embedding_cache: wafer images encoded")
     parser.add_argument("--live_encoder_batches", type=int, default=2, help="embedding_cache: batches through the live encoder")
+    parser.add_argument("--photo_count", type=int, default=3, help="big_photo: synthetic 6000 x 4000 photos")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
@@ -257,8 +415,9 @@ def main(argv=None) -> int:
     for name in args.sections:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         result = SECTIONS[name](args)
-        # a busy shared machine slows every number down; keep how busy it was next to them
+        # a busy shared machine slows every number down; keep how busy it was next to them, and the CPU
         result.setdefault("load_average_1min_at_start", round(load, 2))
+        result["machine"] = machine_record()
         result["measured"] = env["date"]
         sections[name] = result
         print_table(name, result)

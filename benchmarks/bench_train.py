@@ -11,7 +11,10 @@ weights) fine-tuned decoder-only (frozen encoders, the guide's default) either
 * from pixels, re-encoding every image at every step ("pixels"), or
 * from the embedding cache ("cache"; the cache is built once beforehand and not timed),
 with or without a ViT-S teacher (which then runs its own encoder, or reads its own cache), in fp32
-or bf16 autocast. Batch: 1 image per step with up to --max_objects box queries. The first
+or bf16 autocast (bf16 computes in float32 on a CPU without native bf16: the model falls back). The
+ViT-T decoder fine-tuning from the cache also runs with the decoder as it was before the speed work
+(``reference_decoder.py``; ``decoder_speedups`` in the results). Every result records the CPU
+(ATen capability, native bf16, threads). Batch: 1 image per step with up to --max_objects box queries. The first
 --warmup_steps optimizer steps are not timed. Reported: images/s and queries/s over the timed
 steps (from the median step time), seconds per step, peak RSS (and peak CUDA memory on a GPU), and
 the 1-minute load average (CPU timings on a shared machine are only as good as its quietness).
@@ -58,6 +61,13 @@ def run_configuration(config: dict) -> dict:
         return model
 
     student = released(config["student"], seed=0)
+    if config.get("decoder") == "reference":  # the decoder before the speed work, same weights
+        sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+        from reference_decoder import ReferenceMaskDecoder
+
+        reference = ReferenceMaskDecoder(student.config.mask_decoder_config)
+        reference.load_state_dict(student.mask_decoder.state_dict())
+        student.mask_decoder = reference
     teacher = released("vits", seed=1) if config["teacher"] else None
     dataset = datasets.load_from_disk(config["dataset"])
     reader = None
@@ -124,14 +134,18 @@ def run_configuration(config: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
-def configurations(variants, steps, warmup_steps, max_objects, precisions):
+def configurations(variants, steps, warmup_steps, max_objects, precisions, reference_decoder=True):
     for student in variants:
         teachers = (False, True) if student == "vitt" else (False,)  # the distillation pair is ViT-S -> ViT-T
         for teacher in teachers:
             for mode in ("pixels", "cache"):
                 for precision in precisions:
-                    yield {"student": student, "teacher": teacher, "mode": mode, "precision": precision, "steps": steps,
-                           "warmup_steps": warmup_steps, "max_objects": max_objects}
+                    common = {"student": student, "teacher": teacher, "mode": mode, "precision": precision, "steps": steps,
+                              "warmup_steps": warmup_steps, "max_objects": max_objects}
+                    yield {**common, "decoder": "current"}
+                    # decoder fine-tuning from the cache is where the decoder is the step: compare with the old one
+                    if reference_decoder and student == "vitt" and not teacher and mode == "cache":
+                        yield {**common, "decoder": "reference"}
 
 
 def prepare_data(workdir: str, num_images: int) -> str:
@@ -150,9 +164,24 @@ def speedups(results: list) -> list:
         if entry["mode"] != "cache":
             continue
         for other in results:
-            if other["mode"] == "pixels" and all(other[k] == entry[k] for k in ("student", "teacher", "precision")):
+            if other["mode"] == "pixels" and all(other.get(k) == entry.get(k) for k in ("student", "teacher", "precision", "decoder")):
                 rows.append({"student": entry["student"], "teacher": entry["teacher"], "precision": entry["precision"],
                              "cache_vs_pixels_speedup": round(entry["queries_per_s"] / other["queries_per_s"], 2)})
+    return rows
+
+
+def decoder_speedups(results: list) -> list:
+    """Current decoder against the reference decoder in the same configuration (each its own process)."""
+    rows = []
+    for entry in results:
+        if entry.get("decoder") != "reference":
+            continue
+        for other in results:
+            if other.get("decoder") == "current" and all(other[k] == entry[k] for k in ("student", "teacher", "mode", "precision")):
+                rows.append({"student": entry["student"], "teacher": entry["teacher"], "mode": entry["mode"],
+                             "precision": entry["precision"], "reference_queries_per_s": entry["queries_per_s"],
+                             "current_queries_per_s": other["queries_per_s"],
+                             "current_vs_reference_decoder": round(other["queries_per_s"] / entry["queries_per_s"], 2)})
     return rows
 
 
@@ -221,6 +250,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from benchmark_utils import machine_record
+
     report = {}
     if os.path.isfile(args.output):
         with open(args.output, encoding="utf-8") as handle:
@@ -251,6 +283,7 @@ def main(argv=None) -> int:
         report.update({
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "cpu": platform.processor() or platform.machine(),
+            "machine": machine_record(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "date": str(date.today()),
@@ -259,9 +292,10 @@ def main(argv=None) -> int:
                       "teacher": "ViT-S architecture", "weights": "random (throughput does not depend on them)"},
             "results": results,
             "speedups": speedups(results),
+            "decoder_speedups": decoder_speedups(results),
             "total_seconds": round(time.perf_counter() - started, 1),
         })
-        for row in report["speedups"]:
+        for row in report["speedups"] + report["decoder_speedups"]:
             print(row)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:

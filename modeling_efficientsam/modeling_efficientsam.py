@@ -401,6 +401,36 @@ class EfficientSamMlp(nn.Module):
         return self.fc(hidden_states)
 
 
+class _ImageScores(torch.autograd.Function):
+    """`offset + rows @ image^T`: (G, R, C) rows against a (G, HW, C) image -> (G, R, HW) scores.
+
+    A batched product with a custom backward only so that the image's gradient is produced in the
+    image's own (HW, C) layout: autograd's would arrive transposed, and adding a transposed gradient
+    to the image stream's other gradients is a slow strided pass over an image-sized tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, image, offset):
+        ctx.save_for_backward(rows, image)
+        return torch.baddbmm(offset, rows, image.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, image = ctx.saved_tensors
+        grad_rows = torch.bmm(grad, image) if ctx.needs_input_grad[0] else None
+        grad_image = torch.bmm(grad.transpose(1, 2), rows) if ctx.needs_input_grad[1] else None
+        grad_offset = grad.sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad_rows, grad_image, grad_offset
+
+
+def _image_scores(rows: torch.Tensor, image: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """`_ImageScores` in the autocast dtype when autocast is on (as a plain baddbmm would be)."""
+    device = image.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else image.dtype
+    with torch.autocast(device, enabled=False):
+        return _ImageScores.apply(rows.to(dtype), image.to(dtype), offset.to(dtype))
+
+
 class EfficientSamDecoderAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections to an internal width.
 
@@ -469,11 +499,8 @@ class EfficientSamDecoderAttention(nn.Module):
         offset = torch.einsum("bqthd,hd->bqht", query, key_bias.to(query.dtype))
         rows = heads * num_tokens
         image_keys = image_keys.reshape(batch * queries, -1, width)
-        scores = torch.baddbmm(
-            offset.reshape(batch * queries, rows, 1).to(image_keys.dtype),
-            folded.reshape(batch * queries, rows, width).to(image_keys.dtype),
-            image_keys.transpose(1, 2),
-        )
+        scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
+                               offset.reshape(batch * queries, rows, 1))
         probabilities = scores.softmax(dim=-1)
         pooled = torch.bmm(probabilities.to(image.dtype), image.reshape(batch * queries, -1, width))
         pooled = pooled.reshape(batch, queries, heads, num_tokens, width)
@@ -507,18 +534,17 @@ class EfficientSamDecoderAttention(nn.Module):
         rows = num_tokens * heads
         shared = image_keys.dim() == 3
         groups = batch if shared else batch * queries
-        dtype = image_keys.dtype
-        scores = torch.baddbmm(
-            offset.reshape(groups, -1, 1).to(dtype),
-            folded.reshape(groups, -1, width).to(dtype),
-            image_keys.reshape(groups, -1, width).transpose(1, 2),
-        )  # (groups, [Q] * T * heads, HW)
+        scores = _image_scores(folded.reshape(groups, -1, width), image_keys.reshape(groups, -1, width),
+                               offset.reshape(groups, -1, 1))  # (groups, [Q] * T * heads, HW)
         probabilities = scores.reshape(batch * queries, num_tokens, -1).softmax(dim=1)
         probabilities = probabilities.reshape(batch * queries, rows, -1).transpose(1, 2)
         projected = projected.reshape(batch * queries, rows, width).to(probabilities.dtype)
         if shared:
-            attended = torch.bmm(probabilities, projected).reshape(batch, queries, -1, width)
-            return image.unsqueeze(1) + attended
+            # the residual is added in place (a broadcasting add would allocate another image-sized
+            # result); torch.matmul's batched result is not a view, so autograd need not copy it
+            probabilities = probabilities.reshape(batch, queries, -1, rows)
+            attended = torch.matmul(probabilities, projected.reshape(batch, queries, rows, width))
+            return attended.add_(image.unsqueeze(1))
         return torch.baddbmm(image.reshape(batch * queries, -1, width), probabilities, projected).reshape(
             batch, queries, -1, width
         )
@@ -639,6 +665,13 @@ def _pixel_convolution_weights(convolution: nn.ConvTranspose2d, dtype: torch.dty
     return weight.to(dtype), convolution.bias.repeat(4).to(dtype)
 
 
+# The mask decoder decodes the queries of a batch in groups whose image-sized tensors (the per-query
+# image stream, its gradients, the first upscaled map) take at most this many bytes each. glibc's
+# allocator serves larger blocks from freshly mapped pages every time, and first touching them costs
+# more than the arithmetic on them; blocks below its 32 MiB mapping threshold are reused.
+_QUERY_GROUP_BYTES = 24 << 20
+
+
 # Rows of the first upscaled map (C1 channels each, all queries together) that the fused mask head
 # processes per step: enough for efficient matrix products and few operator calls, few enough that
 # a block's intermediates (twice as many rows of the second map) stay in cache.
@@ -682,15 +715,11 @@ class _EfficientSamMaskHead(torch.autograd.Function):
         blocks = _pixel_blocks(batch, pixels)
         with torch.autocast(image.device.type, enabled=False):
             first = torch.addmm(bias1, image.reshape(-1, channels), weight1).view(batch, pixels, 4 * channels1)
-            means, variances, counts = [], [], []
-            for start, stop in blocks:
-                variance, mean = torch.var_mean(first[:, start:stop].to(stat), dim=(1, 2), correction=0)
-                means.append(mean), variances.append(variance), counts.append(float((stop - start) * 4 * channels1))
-            # the blocks' population statistics combined into each query's (exactly, up to rounding)
-            means, variances = torch.stack(means, dim=1), torch.stack(variances, dim=1)
-            counts = torch.tensor(counts, dtype=stat, device=image.device)
-            mean = (means * counts).sum(1) / counts.sum()
-            variance = ((variances + (means - mean[:, None]).square()) * counts).sum(1) / counts.sum()
+            # GroupNorm statistics in two passes (mean, then the centred sum of squares): as exact as
+            # Welford's, and several times faster than torch.var_mean on CPU
+            flat = first.view(batch, -1)
+            mean = flat.sum(1, dtype=stat) / flat.shape[1]
+            variance = torch.stack([(flat[n].to(stat) - mean[n]).square_().sum() for n in range(batch)]) / flat.shape[1]
             rstd = torch.rsqrt(variance + eps)
             scale, shift = _normalization(gamma, beta, mean, rstd)
             logits = torch.empty(batch, 16 * pixels, hyper.shape[1], dtype=dtype, device=image.device)
@@ -838,14 +867,40 @@ class EfficientSamMaskDecoder(nn.Module):
         Returns masks (B, Q, M, 4h, 4w), IoU predictions (B, Q, M), the attention probabilities (with
         `output_attentions`), the output tokens (B, Q, 5, C) and, with `output_hidden_states`, the
         upscaled embeddings (B, Q, C', 4h, 4w) (else None).
+
+        Queries are decoded in groups whose per-query image-sized tensors stay below
+        `_QUERY_GROUP_BYTES` (see there); each query's outputs are the same either way.
         """
+        batch, queries = prompt_embeddings.shape[:2]
+        per_query = image_embeddings[0].numel() * 4  # bytes of one query's float32 image stream
+        group = max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if queries <= group or tracing:
+            return self._decode(image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions,
+                                output_hidden_states)
+        parts = [
+            self._decode(image_embeddings, image_pe, prompt_embeddings[:, start : start + group], multimask_output,
+                         output_attentions, output_hidden_states)
+            for start in range(0, queries, group)
+        ]
+        masks, iou_pred, tokens, upscaled = (
+            torch.cat([part[index] for part in parts], dim=1) if parts[0][index] is not None else None
+            for index in (0, 1, 3, 4)
+        )
+        attentions = None
+        if output_attentions:
+            attentions = tuple(torch.cat([part[2][layer] for part in parts], dim=1) for layer in range(len(parts[0][2])))
+        return masks, iou_pred, attentions, tokens, upscaled
+
+    def _decode(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions,
+                output_hidden_states):
         batch, queries = prompt_embeddings.shape[:2]
         height, width = image_embeddings.shape[-2:]
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
 
-        image = image_embeddings.flatten(2).transpose(1, 2)
+        image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
         image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
         num_outputs = 1 + self.num_mask_tokens
         tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs)

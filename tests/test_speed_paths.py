@@ -143,6 +143,23 @@ def test_fused_mask_head_over_many_blocks_equals_the_plain_path(monkeypatch):
         assert_gradients_close(grads, fused_grads, 1e-10)
 
 
+@pytest.mark.parametrize("attentions, hidden", [(False, False), (True, True)])
+def test_decoding_queries_in_groups_changes_nothing(monkeypatch, attentions, hidden):
+    """Queries decoded in groups (as large batches are, to keep tensors small) give the same outputs,
+    attention maps, upscaled embeddings and gradients as all queries at once."""
+    model, _ = decoder_pair()
+    inputs = decoder_inputs(model)
+    upstream = upstream_gradients()
+    whole, whole_grads = run_decoder(model.mask_decoder, *inputs, True, attentions, hidden, upstream)
+    per_query = 32 * 4 * 4 * 4
+    monkeypatch.setattr(modeling, "_QUERY_GROUP_BYTES", 2 * 2 * per_query)  # 2 images x 2 queries per group: 2 + 1
+    grouped, grouped_grads = run_decoder(model.mask_decoder, *inputs, True, attentions, hidden, upstream)
+    assert whole.keys() == grouped.keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(grouped[name], value, rtol=1e-12, atol=1e-12)
+    assert_gradients_close(grouped_grads, whole_grads, 1e-10)
+
+
 def fused_inputs(model, inputs):
     """(image stream, hypernetwork outputs, h, w) that the decoder hands to predict_masks."""
     embeddings, image_pe, prompts = inputs
