@@ -1,10 +1,24 @@
 """EfficientSAM as a transformers ``PreTrainedModel``.
 
-Computes exactly what the original EfficientSAM computes (see the reference fixtures), with two
-changes that leave the numbers unchanged: fused scaled-dot-product attention (``attn_implementation
-="sdpa"``, the default), and work shared by all queries of an image done once per image in the mask
-decoder (the first layer's image keys, values and queries are projected once, and the first
-token-to-image attention runs all queries of an image as one attention).
+Computes exactly what the original EfficientSAM computes (see the reference fixtures), organised for
+speed in ways that change only float rounding:
+
+* fused scaled-dot-product attention in the encoder (``attn_implementation="sdpa"``, the default);
+* in the mask decoder, work shared by all queries of an image is done once per image (the first
+  layer's image keys and values, and the first token-to-image attention runs all queries of an
+  image as one attention);
+* the decoder's attentions between a query's few tokens and the image positions are folded: the
+  projections are applied on the token side (``EfficientSamDecoderAttention.tokens_attend_to_image``
+  / ``image_attends_to_tokens``), so no image-sized projection, head split or head merge is formed,
+  and the final attention runs only for the output tokens;
+* the upscaling and hypernetwork product run as one blocked operation with its own backward
+  (``_EfficientSamMaskHead``): kernel-2, stride-2 transposed convolutions are matrix products on
+  channels-last pixels, and the large second upscaled map is never stored;
+* half precision on CPU is used only where the CPU computes it natively
+  (``cpu_half_precision_is_native``); elsewhere autocast falls back to float32, which is faster there.
+
+``benchmarks/reference_decoder.py`` keeps the decoder as it was before this organisation; the tests
+compare the two (outputs and gradients).
 
 This file imports only torch, transformers and the configuration file, so ``save_pretrained`` can
 ship it for ``trust_remote_code`` loading where this package is not installed.
@@ -539,15 +553,17 @@ class EfficientSamDecoderAttention(nn.Module):
         probabilities = scores.reshape(batch * queries, num_tokens, -1).softmax(dim=1)
         probabilities = probabilities.reshape(batch * queries, rows, -1).transpose(1, 2)
         projected = projected.reshape(batch * queries, rows, width).to(probabilities.dtype)
+        # The residual is added in place, in the image stream's dtype (under autocast the product is
+        # in half precision, the stream is not): a broadcasting add would allocate another image-sized
+        # result. torch.matmul's batched result is not a view, so autograd need not copy it.
         if shared:
-            # the residual is added in place (a broadcasting add would allocate another image-sized
-            # result); torch.matmul's batched result is not a view, so autograd need not copy it
             probabilities = probabilities.reshape(batch, queries, -1, rows)
             attended = torch.matmul(probabilities, projected.reshape(batch, queries, rows, width))
-            return attended.add_(image.unsqueeze(1))
-        return torch.baddbmm(image.reshape(batch * queries, -1, width), probabilities, projected).reshape(
-            batch, queries, -1, width
-        )
+            return attended.to(image.dtype).add_(image.unsqueeze(1))
+        image = image.reshape(batch * queries, -1, width)
+        if probabilities.dtype == image.dtype:
+            return torch.baddbmm(image, probabilities, projected).reshape(batch, queries, -1, width)
+        return torch.bmm(probabilities, projected).to(image.dtype).add_(image).reshape(batch, queries, -1, width)
 
 
 class EfficientSamTwoWayLayer(nn.Module):
@@ -675,7 +691,7 @@ _QUERY_GROUP_BYTES = 24 << 20
 # Rows of the first upscaled map (C1 channels each, all queries together) that the fused mask head
 # processes per step: enough for efficient matrix products and few operator calls, few enough that
 # a block's intermediates (twice as many rows of the second map) stay in cache.
-_MASK_HEAD_BLOCK_ROWS = 8192
+_MASK_HEAD_BLOCK_ROWS = 16384
 
 
 def _pixel_blocks(batch: int, pixels: int):
