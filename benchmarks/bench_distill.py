@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from datetime import date

@@ -100,6 +100,36 @@ def umask_022():
         os.umask(previous)
 
 
+def run_by_hand(model_dir, image, boxes):
+    """The reference path for one image: processor -> model -> post_process_masks, without the
+    predictor. Returns the model output and the (boxes, candidates, H, W) resized logits."""
+    import torch
+
+    from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+
+    model = EfficientSamModel.from_pretrained(model_dir).eval()
+    processor = EfficientSamProcessor(EfficientSamImageProcessor.from_pretrained(model_dir))
+    inputs = processor(images=image, input_boxes=[boxes])
+    with torch.no_grad():
+        output = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"])
+    return output, processor.post_process_masks(output.pred_masks, inputs["original_sizes"], binarize=False)[0]
+
+
+@pytest.fixture
+def restore_logging():
+    """train.main sets transformers' verbosity and the package's logger levels; put them back afterwards."""
+    import logging
+
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    levels = {name: logging.getLogger(name).level for name in ("train", "modeling_efficientsam")}
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def sample_image(height: int = 120, width: int = 160):
     """A dark noisy picture with two overlapping bright rectangles (yellow and blue)."""
     import numpy as np

@@ -22,18 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
 from modeling_efficientsam.demo import (
     DemoPrompt, DemoSession, format_prompts, parse_candidate, parse_prompts, write_space_app,
 )
 from modeling_efficientsam.inference import EfficientSamPredictor
 from modeling_efficientsam.inference.overlay import PALETTE
 
-from conftest import TINY_128, run_without_package, tiny_model, tiny_processor  # noqa: E402
+from conftest import TINY_128, run_by_hand, run_without_package, tiny_model, tiny_processor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,12 +77,7 @@ class CallCounter:
 
 def reference_logits(model_dir, image, boxes):
     """Model + processor by hand: (N, M, H, W) resized logits of every candidate, (N, M) predicted IoU."""
-    model = EfficientSamModel.from_pretrained(model_dir).eval()
-    processor = EfficientSamProcessor(EfficientSamImageProcessor.from_pretrained(model_dir))
-    inputs = processor(images=image, input_boxes=[boxes])
-    with torch.no_grad():
-        output = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"])
-    resized = processor.post_process_masks(output.pred_masks, inputs["original_sizes"], binarize=False)[0]
+    output, resized = run_by_hand(model_dir, image, boxes)
     return resized.numpy(), output.iou_scores[0].numpy()
 
 

@@ -5,7 +5,6 @@ embeddings) on a 5 + 2 image synthetic dataset."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pickle
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamModel
+from modeling_efficientsam import EfficientSamModel
 from modeling_efficientsam.data import EfficientSamCollator, EfficientSamTrainingDataset, make_synthetic_pcb, prepare_coco_dataset
 from modeling_efficientsam.data.embedding_cache import (
     EmbeddingCache,

@@ -15,7 +15,6 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from modeling_efficientsam import (  # noqa: E402
-    EfficientSamConfig,
     EfficientSamImageProcessor,
     EfficientSamModel,
     EfficientSamProcessor,

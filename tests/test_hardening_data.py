@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
 from modeling_efficientsam.data import (
     CocoValidationError,
     decode_rle,

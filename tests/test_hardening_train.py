@@ -36,17 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 # Set-up: a tiny prepared dataset, its raw COCO files, a recipe; train.py loaded as a module
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """train.main sets transformers' verbosity and the package's logger levels; put them back afterwards."""
-    import transformers
-
-    verbosity = transformers.utils.logging.get_verbosity()
-    levels = {name: logging.getLogger(name).level for name in ("train", "modeling_efficientsam")}
-    yield
-    transformers.utils.logging.set_verbosity(verbosity)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # train.main changes logging levels
 
 
 @pytest.fixture(scope="module")

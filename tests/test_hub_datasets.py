@@ -316,21 +316,6 @@ def test_training_builds_its_datasets_and_cache_from_a_hub_dataset(pcb_hub_folde
     assert summary["splits"]["train"]["images"] == 6
 
 
-@pytest.fixture
-def restore_logging():
-    """train.main sets transformers' verbosity and the package's logger levels; put them back afterwards."""
-    import logging
-
-    import transformers
-
-    verbosity = transformers.utils.logging.get_verbosity()
-    levels = {name: logging.getLogger(name).level for name in ("train", "modeling_efficientsam")}
-    yield
-    transformers.utils.logging.set_verbosity(verbosity)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
 def test_train_py_runs_on_a_hub_dataset_id_and_names_it_in_the_card(pcb_hub_folder, fake_hub, tmp_path, restore_logging):
     shutil.copytree(pcb_hub_folder, fake_hub.root / "me" / "pcb")
     recipe = tmp_path / "recipe.yaml"

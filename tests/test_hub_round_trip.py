@@ -8,21 +8,16 @@ the weights can serve the classes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import Trainer, TrainingArguments
 
 from modeling_efficientsam import (
-    EfficientSamConfig,
     EfficientSamImageProcessor,
     EfficientSamModel,
     EfficientSamProcessor,

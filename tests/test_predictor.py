@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_efficientsam import EfficientSamConfig, EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
+from modeling_efficientsam import EfficientSamImageProcessor, EfficientSamModel, EfficientSamProcessor
 from modeling_efficientsam.inference import EfficientSamPrediction, EfficientSamPredictor
 
-from conftest import TINY_128  # noqa: E402
+from conftest import TINY_128, run_by_hand  # noqa: E402
 from conftest import tiny_model as shared_tiny_model  # noqa: E402
 
 
@@ -46,12 +46,7 @@ PIXEL_BOXES = np.array([[10, 5, 60, 70], [30, 20, 110, 85], [0, 0, 120, 90], [50
 
 def by_hand(model_dir, image, boxes):
     """The reference: processor -> model -> post_process_masks -> highest predicted IoU."""
-    model = EfficientSamModel.from_pretrained(model_dir).eval()
-    processor = EfficientSamProcessor(EfficientSamImageProcessor.from_pretrained(model_dir))
-    inputs = processor(images=image, input_boxes=[boxes])
-    with torch.no_grad():
-        output = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"])
-    resized = processor.post_process_masks(output.pred_masks, inputs["original_sizes"], binarize=False)[0]
+    output, resized = run_by_hand(model_dir, image, boxes)
     best = output.iou_scores[0].argmax(-1)
     chosen = resized[torch.arange(len(best)), best]
     return output, chosen, best

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from modeling_efficientsam import EfficientSamConfig, EfficientSamModel, EfficientSamProcessor
-from modeling_efficientsam.data import EfficientSamCollator, EfficientSamTrainingDataset
+from modeling_efficientsam.data import EfficientSamCollator
 from modeling_efficientsam.training import (
     EfficientSamTrainer,
-    EfficientSamTrainingArguments,
     build_model_card,
     load_decoder_on_base,
     save_decoder_only,
@@ -33,7 +32,7 @@ from modeling_efficientsam.training.evaluation import (
 from modeling_efficientsam.training.losses import segmentation_loss
 from modeling_efficientsam.training.model_building import build_student
 
-from conftest import TINY_CONFIG, first_batch, make_trainer, tiny_args, tiny_dataset, tiny_model  # noqa: E402
+from conftest import TINY_CONFIG, make_trainer, tiny_args, tiny_dataset, tiny_model  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .coco import coco_error, parse_bbox, parse_categories, parse_images, read_coco_json, require_int
+from .coco import coco_error, parse_bbox, parse_categories, parse_images, read_coco_json
 
 __all__ = ["BOX_ONLY_DROP_REASONS", "EfficientSamMixedTrainingDataset", "empty_rle", "load_box_only_split"]
 
@@ -46,32 +46,15 @@ def empty_rle(height: int, width: int) -> dict:
 
 def load_box_only_split(annotations_path, images_dir, data: Optional[dict] = None):
     """Parse a COCO file for its boxes only (see the module docstring); returns a ``CocoSplit``."""
-    from .coco_cleaning import CocoSplit
+    from .coco_cleaning import CocoSplit, iter_annotations
 
     path = str(annotations_path)
     data = read_coco_json(path) if data is None else data
     categories = parse_categories(path, data)
     images = parse_images(path, data)
-    by_id = {image.id: image for image in images}
-    seen: set = set()
     dropped: dict = {}
     repaired: dict = {}
-    for index, annotation in enumerate(data["annotations"]):
-        if not isinstance(annotation, dict):
-            raise coco_error(path, f"annotations[{index}]", "an annotation must be an object", "fix the record")
-        annotation_id = require_int(path, f"annotations[{index}]", annotation, "id")
-        record = f"annotation id {annotation_id}"
-        if annotation_id in seen:
-            raise coco_error(path, record, "duplicate annotation id", "give every annotation a unique id")
-        seen.add(annotation_id)
-        image_id = require_int(path, record, annotation, "image_id")
-        category_id = require_int(path, record, annotation, "category_id")
-        if image_id not in by_id:
-            raise coco_error(path, record, f"image_id {image_id} is not in the images list", "add the image record or remove the annotation")
-        if category_id not in categories:
-            raise coco_error(path, record, f"category_id {category_id} is not in the categories list (known: {sorted(categories)})",
-                             "add the category or correct the annotation's category_id")
-        image = by_id[image_id]
+    for annotation, annotation_id, image_id, category_id, image in iter_annotations(path, data, categories, images):
         record = f"annotation id {annotation_id} (image id {image_id}, {image.file_name})"
         if annotation.get("bbox") is None:
             raise coco_error(path, record, 'a box-only annotation needs a "bbox"',

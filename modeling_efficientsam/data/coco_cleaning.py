@@ -242,24 +242,15 @@ def clean_annotation(path, annotation, image: CocoImage, box_mask_iou_threshold:
     )
 
 
-def load_coco_split(
-    annotations_path: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    strict: bool = False,
-    box_mask_iou_threshold: float = 0.5,
-    data: Optional[dict] = None,
-) -> CocoSplit:
-    """Parse, validate and clean one COCO file. Image files are not opened here."""
-    if not 0.0 <= box_mask_iou_threshold <= 1.0:
-        raise ValueError(f"box_mask_iou_threshold must be in [0, 1], got {box_mask_iou_threshold}")
-    path = str(annotations_path)
-    data = read_coco_json(path) if data is None else data
-    categories = parse_categories(path, data)
-    images = parse_images(path, data)
+def iter_annotations(path: str, data: dict, categories, images):
+    """Each annotation of ``data`` with its checked references:
+    ``(annotation, annotation_id, image_id, category_id, image)``.
+
+    Fatal problems (not an object, missing or duplicate id, unknown image or category) are errors
+    naming the file and the record; what is done with a valid annotation is the caller's.
+    """
     by_id = {image.id: image for image in images}
     seen: set = set()
-    dropped: dict = {}
-    repaired: dict = {}
     for index, annotation in enumerate(data["annotations"]):
         if not isinstance(annotation, dict):
             raise coco_error(path, f"annotations[{index}]", "an annotation must be an object", "fix the record")
@@ -277,7 +268,26 @@ def load_coco_split(
                 path, record, f"category_id {category_id} is not in the categories list (known: {sorted(categories)})",
                 "add the category or correct the annotation's category_id",
             )
-        image = by_id[image_id]
+        yield annotation, annotation_id, image_id, category_id, by_id[image_id]
+
+
+def load_coco_split(
+    annotations_path: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    strict: bool = False,
+    box_mask_iou_threshold: float = 0.5,
+    data: Optional[dict] = None,
+) -> CocoSplit:
+    """Parse, validate and clean one COCO file. Image files are not opened here."""
+    if not 0.0 <= box_mask_iou_threshold <= 1.0:
+        raise ValueError(f"box_mask_iou_threshold must be in [0, 1], got {box_mask_iou_threshold}")
+    path = str(annotations_path)
+    data = read_coco_json(path) if data is None else data
+    categories = parse_categories(path, data)
+    images = parse_images(path, data)
+    dropped: dict = {}
+    repaired: dict = {}
+    for annotation, annotation_id, image_id, _, image in iter_annotations(path, data, categories, images):
         obj, repairs, drop = clean_annotation(path, annotation, image, box_mask_iou_threshold)
         # A dropped annotation is listed under its drop reason only; a kept one under each repair.
         problems = [(drop, DROP_REASONS[drop], "drop")] if drop is not None else [

@@ -20,7 +20,9 @@ import re
 import shutil
 from typing import Iterable, List, Optional, Tuple
 
-__all__ = ["checkpoint_problem", "last_complete_checkpoint", "list_checkpoints", "rotate_checkpoints"]
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+__all__ = ["BestAndNewestRotation", "checkpoint_problem", "last_complete_checkpoint", "list_checkpoints", "rotate_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +135,36 @@ def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int], keep: I
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+class BestAndNewestRotation:
+    """Mixin for a ``transformers.Trainer``: checkpoint rotation that never deletes the best or the
+    newest checkpoint, by step number (see :func:`rotate_checkpoints`)."""
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` with this trainer's checkpoint rotation.
+
+        Trainer rotates by modification time inside its own save and, with ``save_total_limit=1`` and
+        a best model, deletes the newest checkpoint when training ends (the one a continued run needs,
+        possibly while an upload reads it). During ``train`` its rotation is off (the limit is held in
+        ``checkpoint_limit``; checkpoints' ``training_args.bin`` show None) and :meth:`_save_checkpoint`
+        rotates instead.
+        """
+        self.checkpoint_limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = self.checkpoint_limit
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        push = getattr(self, "push_in_progress", None)
+        if push is not None and not push.is_done():
+            return  # a Hub upload may still read a checkpoint folder: rotate after the next save
+        run_dir = self._get_output_dir(trial=trial)
+        newest = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        rotate_checkpoints(run_dir, getattr(self, "checkpoint_limit", self.args.save_total_limit),
+                           keep=(self.state.best_model_checkpoint, newest))

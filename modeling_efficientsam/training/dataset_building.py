@@ -18,7 +18,7 @@ before anything is cached or trained.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import logging
 

@@ -38,16 +38,14 @@ gradients are averaged across processes by hand before the optimizer step.
 from __future__ import annotations
 
 import itertools
-import os
 from collections import defaultdict
 from typing import Any, Dict, Optional
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import EfficientSamCollator
-from .checkpoints import rotate_checkpoints
+from .checkpoints import BestAndNewestRotation
 from .distillation import (
     attention_distillation_loss,
     check_teacher_compatibility,
@@ -69,7 +67,7 @@ __all__ = ["EfficientSamTrainer"]
 NO_DISTILLATION = {"temperature": 1.0, "alpha": 1.0, "beta": 0.0}
 
 
-class EfficientSamTrainer(Trainer):
+class EfficientSamTrainer(BestAndNewestRotation, Trainer):
     """Trainer for EfficientSAM with box prompts and optional knowledge distillation.
 
     Args:
@@ -384,35 +382,6 @@ class EfficientSamTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.processor is not None:
             self.processor.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
-
-    # ---- Checkpoint rotation: the best and the newest checkpoints are never deleted (.checkpoints)
-    def train(self, *args, **kwargs):
-        """``Trainer.train`` with this trainer's checkpoint rotation.
-
-        Trainer rotates by modification time inside its own save and, with ``save_total_limit=1`` and
-        a best model, deletes the newest checkpoint when training ends (the one a continued run needs,
-        possibly while an upload reads it). During ``train`` its rotation is off (the limit is held in
-        ``checkpoint_limit``; checkpoints' ``training_args.bin`` show None) and :meth:`_save_checkpoint`
-        rotates instead.
-        """
-        self.checkpoint_limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self.args.save_total_limit = self.checkpoint_limit
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        push = getattr(self, "push_in_progress", None)
-        if push is not None and not push.is_done():
-            return  # a Hub upload may still read a checkpoint folder: rotate after the next save
-        run_dir = self._get_output_dir(trial=trial)
-        newest = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        rotate_checkpoints(run_dir, getattr(self, "checkpoint_limit", self.args.save_total_limit),
-                           keep=(self.state.best_model_checkpoint, newest))
 
     # ---- Evaluation (metrics: .evaluation) and the model card (.model_card)
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
