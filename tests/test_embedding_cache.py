@@ -269,7 +269,12 @@ def test_compute_dtype_autocast_is_its_own_cache(dataset, student, tmp_path):
     assert mixed.root != full.root and mixed.parts["compute_dtype"] == "bfloat16"
     image_id = int(dataset["validation"][0]["image_id"])
     a, b = EmbeddingCacheReader(full, "validation").get(image_id), EmbeddingCacheReader(mixed, "validation").get(image_id)
-    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1, rtol=0.1)
+    from modeling_efficientsam.modeling_efficientsam import cpu_half_precision_is_native
+
+    if cpu_half_precision_is_native(torch.bfloat16):
+        assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1, rtol=0.1)
+    else:  # without native bf16 the model falls back to float32 under CPU autocast (see precision.py)
+        assert torch.equal(a, b)
     assert next(student.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="compute_dtype"):
         build_embedding_cache(dataset, student, compute_dtype="int8", cache_root=tmp_path)

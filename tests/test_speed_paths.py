@@ -448,3 +448,18 @@ def test_label_cache_defaults_to_the_saved_dataset_folder(synthetic_pcb_dataset)
     in_memory = type(split).from_dict(in_memory.to_dict(), features=split.features)
     assert default_label_root(in_memory) is None
     assert EfficientSamTrainingDataset(in_memory, **DATASET_OPTIONS)._labels is None
+
+
+def test_unwritable_label_cache_folder_falls_back_to_per_item_targets(synthetic_pcb_dataset, monkeypatch, caplog):
+    from modeling_efficientsam.data import EfficientSamTrainingDataset, label_cache
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(label_cache.LabelCache, "open_or_build", refuse)
+    split = synthetic_pcb_dataset["train"]
+    with caplog.at_level(logging.WARNING, logger=label_cache.__name__):
+        dataset = EfficientSamTrainingDataset(split, **DATASET_OPTIONS)
+    assert dataset._labels is None and "computing them for every item" in caplog.text
+    plain = EfficientSamTrainingDataset(split, label_cache=False, **DATASET_OPTIONS)
+    assert torch.equal(dataset[0]["labels"], plain[0]["labels"]) and len(plain[0]["labels"]) > 0
