@@ -134,11 +134,12 @@ def run_configuration(config: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
-def configurations(variants, steps, warmup_steps, max_objects, precisions, reference_decoder=True):
+def configurations(variants, steps, warmup_steps, max_objects, precisions, reference_decoder=True,
+                   modes=("pixels", "cache")):
     for student in variants:
         teachers = (False, True) if student == "vitt" else (False,)  # the distillation pair is ViT-S -> ViT-T
         for teacher in teachers:
-            for mode in ("pixels", "cache"):
+            for mode in modes:
                 for precision in precisions:
                     common = {"student": student, "teacher": teacher, "mode": mode, "precision": precision, "steps": steps,
                               "warmup_steps": warmup_steps, "max_objects": max_objects}
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first (at least 1)")
     parser.add_argument("--max_objects", type=int, default=4, help="box queries per image")
+    parser.add_argument("--modes", nargs="+", default=["pixels", "cache"], choices=["pixels", "cache"],
+                        help="input modes to run (pixels: live encoder; cache: embedding cache)")
     parser.add_argument("--quickstart_dir", default=os.path.join(REPO, "outputs", "quickstart"),
                         help="a quickstart output folder (its trainer_state.json gives the curve)")
     parser.add_argument("--curve", default=os.path.join(REPO, "benchmarks", "results", "quickstart_curve.png"))
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
             dataset = prepare_data(workdir, num_images=args.warmup_steps + args.steps)
-            for config in configurations(args.variants, args.steps, args.warmup_steps, args.max_objects, args.precisions):
+            for config in configurations(args.variants, args.steps, args.warmup_steps, args.max_objects, args.precisions,
+                                         modes=args.modes):
                 config.update(dataset=dataset, cache_root=os.path.join(workdir, "cache"), workdir=workdir)
                 env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
                 process = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],

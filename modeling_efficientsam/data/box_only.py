@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .coco import coco_error, parse_bbox, parse_categories, parse_images, read_coco_json
+from .coco import coco_error, parse_bbox
 
 __all__ = ["BOX_ONLY_DROP_REASONS", "EfficientSamMixedTrainingDataset", "empty_rle", "load_box_only_split"]
 
@@ -46,12 +46,10 @@ def empty_rle(height: int, width: int) -> dict:
 
 def load_box_only_split(annotations_path, images_dir, data: Optional[dict] = None):
     """Parse a COCO file for its boxes only (see the module docstring); returns a ``CocoSplit``."""
-    from .coco_cleaning import CocoSplit, iter_annotations
+    from .coco_cleaning import CocoSplit, iter_annotations, read_split_records
 
     path = str(annotations_path)
-    data = read_coco_json(path) if data is None else data
-    categories = parse_categories(path, data)
-    images = parse_images(path, data)
+    data, categories, images = read_split_records(path, data)
     dropped: dict = {}
     repaired: dict = {}
     for annotation, annotation_id, image_id, category_id, image in iter_annotations(path, data, categories, images):

@@ -242,6 +242,12 @@ def clean_annotation(path, annotation, image: CocoImage, box_mask_iou_threshold:
     )
 
 
+def read_split_records(path: str, data: Optional[dict] = None):
+    """``(data, categories, images)`` of one COCO file (``data`` when already read)."""
+    data = read_coco_json(path) if data is None else data
+    return data, parse_categories(path, data), parse_images(path, data)
+
+
 def iter_annotations(path: str, data: dict, categories, images):
     """Each annotation of ``data`` with its checked references:
     ``(annotation, annotation_id, image_id, category_id, image)``.
@@ -282,9 +288,7 @@ def load_coco_split(
     if not 0.0 <= box_mask_iou_threshold <= 1.0:
         raise ValueError(f"box_mask_iou_threshold must be in [0, 1], got {box_mask_iou_threshold}")
     path = str(annotations_path)
-    data = read_coco_json(path) if data is None else data
-    categories = parse_categories(path, data)
-    images = parse_images(path, data)
+    data, categories, images = read_split_records(path, data)
     dropped: dict = {}
     repaired: dict = {}
     for annotation, annotation_id, image_id, _, image in iter_annotations(path, data, categories, images):

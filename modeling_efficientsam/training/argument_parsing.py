@@ -38,6 +38,17 @@ RECIPE_FIX = "Fix: check the path (the recipes are listed in recipes/README.md)"
 _GUIDE_FLAG_ALIASES = {"--save_dir": "--output_dir", "--resume": "--resume_from_checkpoint"}
 
 
+def _read_text(path: str, what: str, fix: str) -> str:
+    """The UTF-8 text of ``path``; a missing or unreadable file is a one-line error naming ``what``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise TrainingSetupError(f"{what}: no such file. {fix}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrainingSetupError(f"{what}: cannot be read ({error}). {fix}") from error
+
+
 def load_recipe(path: str) -> Dict[str, Any]:
     """Read a flat YAML (``.yaml``/``.yml``) or JSON recipe into a dict (empty file -> {}).
 
@@ -46,13 +57,7 @@ def load_recipe(path: str) -> Dict[str, Any]:
     """
     if not path.endswith((".yaml", ".yml", ".json")):
         raise TrainingSetupError(f"recipe {path}: expected a .yaml, .yml or .json file. {RECIPE_FIX}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError as error:
-        raise TrainingSetupError(f"recipe {path}: no such file. {RECIPE_FIX}") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise TrainingSetupError(f"recipe {path}: cannot be read ({error}). {RECIPE_FIX}") from error
+    text = _read_text(path, f"recipe {path}", RECIPE_FIX)
     if path.endswith(".json"):
         data = _parse_json(text, f"recipe {path}")
     else:
@@ -100,13 +105,7 @@ def _read_guide_config(path: str) -> Dict[str, Any]:
     """The original guide's nested JSON config given with --config, mapped to our argument names."""
     from .config_mapping import map_original_config
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError as error:
-        raise TrainingSetupError(f"--config {path}: no such file. Fix: check the path of the guide's JSON config") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise TrainingSetupError(f"--config {path}: cannot be read ({error}). Fix: check the file") from error
+    text = _read_text(path, f"--config {path}", "Fix: check the path of the guide's JSON config")
     try:
         return map_original_config(_parse_json(text, f"--config {path}"), source=path)
     except TrainingSetupError:
