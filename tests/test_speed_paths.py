@@ -285,17 +285,26 @@ def test_autocast_with_native_half_precision_stays_in_bfloat16(native_half):
     assert out.pred_masks.dtype == torch.bfloat16
 
 
-def test_half_precision_attention_takes_the_blocked_path_only_with_native_support(monkeypatch):
+@pytest.mark.parametrize(
+    "native, flags, blocked",
+    [
+        ("1", {"avx512_bf16"}, True),  # native bf16 without matrix tiles: blocked matrix products pay
+        ("1", {"avx512_bf16", "amx_bf16"}, False),  # with AMX tiles PyTorch's fused kernel is faster
+        ("0", {"avx512_bf16"}, False),  # no native bf16: the fused kernel (the model runs float32 anyway)
+    ],
+)
+def test_half_precision_attention_path_follows_the_cpu(monkeypatch, native, flags, blocked):
     calls = []
     original = modeling._blocked_attention
     monkeypatch.setattr(modeling, "_blocked_attention", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv(modeling.CPU_NATIVE_HALF_PRECISION_ENV, native)
+    monkeypatch.setattr(modeling, "_cpu_flags", lambda: frozenset(flags))
     query, key, value = (torch.randn(1, 2, 40, 8).bfloat16() for _ in range(3))
-    for native, expected_calls in (("0", 0), ("1", 1)):
-        monkeypatch.setenv(modeling.CPU_NATIVE_HALF_PRECISION_ENV, native)
-        calls.clear()
-        with torch.no_grad():
-            output, _ = modeling._attention(query, key, value, "sdpa")
-        assert len(calls) == expected_calls and output.dtype == torch.bfloat16
+    with torch.no_grad():
+        output, _ = modeling._attention(query, key, value, "sdpa")
+    assert (len(calls) == 1) is blocked and output.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float())
+    assert (output.float() - expected).abs().max() < 2e-2
 
 
 # ------------------------------------------------------------------------------------------------
