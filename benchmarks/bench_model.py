@@ -46,7 +46,7 @@ from modeling_efficientsam.modeling_efficientsam import CPU_NATIVE_HALF_PRECISIO
 from modeling_efficientsam.precision import autocast_dtype
 
 from benchmark_utils import WATCH, interleaved, machine_record, matmul_peak, measure  # noqa: E402  (benchmarks/ is on sys.path)
-from reference_decoder import ReferenceMaskDecoder  # noqa: E402
+from reference_decoder import ReferenceMaskDecoder, reference_segmentation_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_cpu.json"
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -88,9 +88,15 @@ def decoder_batch(config, images: int, queries: int, seed: int = 0) -> dict:
 
 
 def training_step(model, batch: dict, dtype=None):
-    """Forward (under ``dtype`` autocast when given), the segmentation loss, backward; returns the loss."""
+    """Forward (under ``dtype`` autocast when given), the segmentation loss, backward; returns the loss.
+
+    A model with the reference decoder is trained with the reference loss (both as they were before
+    the speed work), the current model with the package's `segmentation_loss`.
+    """
     from modeling_efficientsam.training.losses import segmentation_loss
 
+    if isinstance(getattr(model, "mask_decoder", None), ReferenceMaskDecoder):
+        segmentation_loss = reference_segmentation_loss  # noqa: F811
     model.zero_grad(set_to_none=True)
     with _autocast(dtype):
         outputs = model(image_embeddings=batch["image_embeddings"], input_boxes=batch["input_boxes"])

@@ -63,11 +63,14 @@ def run_configuration(config: dict) -> dict:
     student = released(config["student"], seed=0)
     if config.get("decoder") == "reference":  # the decoder before the speed work, same weights
         sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-        from reference_decoder import ReferenceMaskDecoder
+        from reference_decoder import ReferenceMaskDecoder, reference_segmentation_loss
+
+        from modeling_efficientsam.training import trainer as trainer_module
 
         reference = ReferenceMaskDecoder(student.config.mask_decoder_config)
         reference.load_state_dict(student.mask_decoder.state_dict())
         student.mask_decoder = reference
+        trainer_module.segmentation_loss = reference_segmentation_loss  # and the loss before the speed work (own process)
     teacher = released("vits", seed=1) if config["teacher"] else None
     dataset = datasets.load_from_disk(config["dataset"])
     reader = None

@@ -1,4 +1,5 @@
-"""The mask decoder as it was before the speed work (commit 27f6c06), kept as the baseline.
+"""The mask decoder (commit 27f6c06) and the ground-truth loss (commit 2ab928a) as they were before
+the speed work, kept as the baseline.
 
 ``benchmarks/bench_model.py`` and ``tests/test_speed_paths.py`` compare the current
 ``EfficientSamMaskDecoder`` against this copy: same parameter names (``load_state_dict`` from a
@@ -274,3 +275,61 @@ class ReferenceMaskDecoder(nn.Module):
 
 
 __all__ = ["ReferenceMaskDecoder"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The ground-truth loss as it was before the speed work: every term of every candidate computed
+# with autograd (the sigmoid recomputed per term) and a 7 x 7 max-pool for the boundary band. The
+# baseline training step uses it, so that the measured ratio covers the loss's share of the step.
+# ------------------------------------------------------------------------------------------------
+def _reference_mask_terms(logits, targets, alpha: float, gamma: float, band_width: int) -> dict:
+    logits = logits.float()
+    full_targets = targets.to(logits.dtype).expand_as(logits)
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, full_targets, reduction="none")
+    p_t = prob * full_targets + (1.0 - prob) * (1.0 - full_targets)
+    focal = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        focal = (alpha * full_targets + (1.0 - alpha) * (1.0 - full_targets)) * focal
+    terms = {"focal_loss": focal.flatten(-2).mean(-1)}
+    for name, union_has_intersection in (("dice_loss", False), ("iou_loss", True)):
+        prob = torch.sigmoid(logits).flatten(-2)
+        flat_targets = full_targets.flatten(-2)
+        intersection = (prob * flat_targets).sum(-1)
+        if union_has_intersection:
+            terms[name] = 1.0 - (intersection + 1.0) / (prob.sum(-1) + flat_targets.sum(-1) - intersection + 1.0)
+        else:
+            terms[name] = 1.0 - (2.0 * intersection + 1.0) / (prob.sum(-1) + flat_targets.sum(-1) + 1.0)
+    flat = targets.detach().float().reshape(-1, 1, *targets.shape[-2:])
+    kernel = 2 * band_width + 1
+    dilated = F.max_pool2d(flat, kernel_size=kernel, stride=1, padding=band_width)
+    eroded = -F.max_pool2d(-flat, kernel_size=kernel, stride=1, padding=band_width)
+    band = ((dilated - eroded) > 0.5).reshape(targets.shape).to(logits.dtype).expand_as(logits).flatten(-2)
+    ce = F.binary_cross_entropy_with_logits(logits, full_targets, reduction="none").flatten(-2)
+    terms["boundary_loss"] = (ce * band).sum(-1) / band.sum(-1).clamp_min(1.0)
+    return terms
+
+
+def reference_segmentation_loss(*, pred_masks, iou_scores, labels, query_mask, num_queries=None, focal_weight=1.0, dice_weight=1.0,
+                                iou_weight=1.0, boundary_weight=0.5, iou_head_weight=1.0, focal_alpha=0.25,
+                                focal_gamma=2.0, boundary_band_width=3) -> dict:
+    """`segmentation_loss` (same arguments, same values) as computed before the speed work."""
+    from modeling_efficientsam.training.losses import iou_head_loss, normalize_over_queries
+
+    per_candidate = _reference_mask_terms(pred_masks, labels.float().unsqueeze(2), focal_alpha, focal_gamma,
+                                          boundary_band_width)
+    weights = {"focal_loss": focal_weight, "dice_loss": dice_weight, "iou_loss": iou_weight,
+               "boundary_loss": boundary_weight}
+    combined = sum(weights[name] * value for name, value in per_candidate.items())
+    chosen = combined.detach().argmin(dim=-1)
+
+    def pick(value):
+        return value.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+
+    out = {name: normalize_over_queries(pick(value), query_mask=query_mask, num_queries=num_queries) for name, value in per_candidate.items()}
+    out["mask_loss"] = normalize_over_queries(pick(combined), query_mask=query_mask, num_queries=num_queries)
+    head = iou_head_loss(iou_scores=iou_scores, pred_masks=pred_masks, targets=labels).mean(-1)
+    out["iou_head_loss"] = normalize_over_queries(head, query_mask=query_mask, num_queries=num_queries)
+    out["loss"] = out["mask_loss"] + iou_head_weight * out["iou_head_loss"]
+    out["chosen_candidate"] = chosen
+    return out

@@ -2,6 +2,8 @@
 
 * the mask decoder (folded attention, fused mask head) against the decoder as it was before the
   speed work (benchmarks/reference_decoder.py): outputs and gradients, float64 and float32;
+* the ground-truth loss (chosen candidate only, one pass for the four terms) against the loss as it
+  was (same file): values, choices and gradients;
 * half precision on CPU only where the CPU has it natively (detection, float32 fallback);
 * training targets prepared once (label_cache.py): the same items as computing them per item.
 """
@@ -23,11 +25,80 @@ from modeling_efficientsam import modeling_efficientsam as modeling
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference_decoder_class():
+def reference_module():
     spec = importlib.util.spec_from_file_location("reference_decoder", REPO / "benchmarks" / "reference_decoder.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.ReferenceMaskDecoder
+    return module
+
+
+def reference_decoder_class():
+    return reference_module().ReferenceMaskDecoder
+
+
+# ------------------------------------------------------------------------------------------------
+# Ground-truth loss against the reference loss
+# ------------------------------------------------------------------------------------------------
+def loss_inputs(seed=0, batch=2, queries=3, candidates=3, size=32):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, queries, candidates, size, size, generator=generator) * 4).double()
+    labels = torch.zeros(batch, queries, size, size)
+    for b in range(batch):
+        for q in range(queries):
+            y, x = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            labels[b, q, y : y + size // 3 + q, x : x + size // 4 + 2 * b] = 1
+    labels[-1, -1] = 0  # an empty target: no boundary band
+    iou = torch.rand(batch, queries, candidates, generator=generator).double()
+    query_mask = torch.ones(batch, queries, dtype=torch.bool)
+    query_mask[0, -1] = False
+    return logits, iou, labels, query_mask
+
+
+@pytest.mark.parametrize("settings", [{}, {"focal_alpha": -1.0, "focal_gamma": 0.0, "boundary_band_width": 1},
+                                      {"focal_gamma": 1.5, "boundary_weight": 3.0, "dice_weight": 0.0}])
+def test_segmentation_loss_equals_the_reference_loss(settings):
+    from modeling_efficientsam.training.losses import segmentation_loss
+
+    reference_loss = reference_module().reference_segmentation_loss
+    logits, iou, labels, query_mask = loss_inputs()
+    results = []
+    for loss_function in (segmentation_loss, reference_loss):
+        pred = logits.clone().requires_grad_(True)
+        scores = iou.clone().requires_grad_(True)
+        out = loss_function(pred_masks=pred, iou_scores=scores, labels=labels, query_mask=query_mask, **settings)
+        out["loss"].backward()
+        results.append((out, pred.grad, scores.grad))
+    (out, grad, iou_grad), (expected, expected_grad, expected_iou_grad) = results
+    assert torch.equal(out["chosen_candidate"], expected["chosen_candidate"])
+    assert len(set(out["chosen_candidate"].flatten().tolist())) > 1  # the choice really varies
+    for name in ("loss", "mask_loss", "focal_loss", "dice_loss", "iou_loss", "boundary_loss", "iou_head_loss"):
+        torch.testing.assert_close(out[name], expected[name], rtol=1e-5, atol=1e-9, msg=name)
+    assert float(expected["boundary_loss"].detach()) > 0
+    # float32 arithmetic inside both: gradients agree to float32 rounding, and the candidates that
+    # were not chosen get exactly zero in both
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(iou_grad, expected_iou_grad)
+    not_chosen = torch.ones_like(grad, dtype=torch.bool).scatter_(
+        2, out["chosen_candidate"][:, :, None, None, None].expand(-1, -1, 1, *grad.shape[-2:]), False)
+    assert grad[not_chosen].abs().max() == 0 and grad[~not_chosen].abs().max() > 0
+
+
+def test_boundary_band_equals_a_square_max_pool():
+    generator = torch.Generator().manual_seed(3)
+    masks = (torch.rand(4, 2, 40, 37, generator=generator) > 0.7).float()
+    masks[0, 0] = 0
+    masks[0, 1] = 1
+    from modeling_efficientsam.training.losses import boundary_band
+
+    for width in (1, 3, 5):
+        flat = masks.reshape(-1, 1, 40, 37)
+        kernel = 2 * width + 1
+        dilated = torch.nn.functional.max_pool2d(flat, kernel, stride=1, padding=width)
+        eroded = -torch.nn.functional.max_pool2d(-flat, kernel, stride=1, padding=width)
+        expected = ((dilated - eroded) > 0.5).reshape(masks.shape)
+        band = boundary_band(masks, band_width=width)
+        assert torch.equal(band, expected)
+        assert not band[0].any() and band[1:].any()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -126,10 +126,16 @@ def boundary_band(targets: torch.Tensor, *, band_width: int = 3) -> torch.Tensor
         raise ValueError(f"band_width must be >= 1, got {band_width}")
     shape = targets.shape
     flat = targets.detach().float().reshape(-1, 1, *shape[-2:])
-    kernel = 2 * band_width + 1
-    dilated = F.max_pool2d(flat, kernel_size=kernel, stride=1, padding=band_width)
-    eroded = -F.max_pool2d(-flat, kernel_size=kernel, stride=1, padding=band_width)
-    return ((dilated - eroded) > 0.5).reshape(shape)
+    return ((_square_max(flat, band_width) + _square_max(-flat, band_width)) > 0.5).reshape(shape)
+
+
+def _square_max(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    """Maximum over the (2r+1) x (2r+1) neighbourhood of every pixel of (N, 1, H, W) maps, ignoring
+    pixels outside the image: a row pass then a column pass (a maximum over a rectangle is the maximum
+    of the row maxima), 2 (2r+1) comparisons per pixel instead of (2r+1)^2."""
+    kernel = 2 * radius + 1
+    rows = F.max_pool2d(maps, kernel_size=(1, kernel), stride=1, padding=(0, radius))
+    return F.max_pool2d(rows, kernel_size=(kernel, 1), stride=1, padding=(radius, 0))
 
 
 def boundary_loss(*, logits: torch.Tensor, targets: torch.Tensor, band_width: int = 3) -> torch.Tensor:
@@ -149,6 +155,35 @@ def boundary_loss(*, logits: torch.Tensor, targets: torch.Tensor, band_width: in
     ce = F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="none")
     band = _pixels(band)
     return (_pixels(ce) * band).sum(-1) / band.sum(-1).clamp_min(1.0)
+
+
+def _mask_terms(
+    *, logits: torch.Tensor, targets: torch.Tensor, band: torch.Tensor, alpha: float, gamma: float
+) -> Dict[str, torch.Tensor]:
+    """The four mask terms of :func:`segmentation_loss` for logits ``(..., H, W)`` in one pass.
+
+    The same values as :func:`sigmoid_focal_loss`, :func:`dice_loss`, :func:`soft_iou_loss` and
+    :func:`boundary_loss` (their default ``smooth`` and a precomputed :func:`boundary_band`) for
+    binary ``targets``, with the sigmoid and the per-pixel cross-entropy computed once for all four.
+    ``targets`` and ``band`` broadcast to ``logits``. Returns ``(...)`` per term.
+    """
+    logits = _pixels(logits.float())
+    targets = _pixels(targets.to(logits.dtype))
+    band = _pixels(band.to(logits.dtype))
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="none")
+    p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+    focal = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        focal = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * focal
+    intersection = (prob * targets).sum(-1)
+    prob_sum, target_sum = prob.sum(-1), targets.sum(-1)
+    return {
+        "focal_loss": focal.mean(-1),
+        "dice_loss": 1.0 - (2.0 * intersection + 1.0) / (prob_sum + target_sum + 1.0),
+        "iou_loss": 1.0 - (intersection + 1.0) / (prob_sum + target_sum - intersection + 1.0),
+        "boundary_loss": (ce * band).sum(-1) / band.sum(-1).clamp_min(1.0),
+    }
 
 
 def iou_head_loss(*, iou_scores: torch.Tensor, pred_masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -270,23 +305,26 @@ def segmentation_loss(
         query_mask = torch.ones((batch, queries), dtype=torch.bool, device=pred_masks.device)
 
     targets = labels.float().unsqueeze(2)  # (B, Q, 1, H, W), broadcast over candidates
-    per_candidate = {
-        "focal_loss": sigmoid_focal_loss(logits=pred_masks, targets=targets, alpha=focal_alpha, gamma=focal_gamma),
-        "dice_loss": dice_loss(logits=pred_masks, targets=targets),
-        "iou_loss": soft_iou_loss(logits=pred_masks, targets=targets),
-        "boundary_loss": boundary_loss(logits=pred_masks, targets=targets, band_width=boundary_band_width),
-    }
+    band = boundary_band(labels, band_width=boundary_band_width).unsqueeze(2)  # once per query
     weights = {"focal_loss": focal_weight, "dice_loss": dice_weight, "iou_loss": iou_weight, "boundary_loss": boundary_weight}
-    combined = sum(weights[name] * value for name, value in per_candidate.items())  # (B, Q, M)
-    chosen = combined.detach().argmin(dim=-1)  # (B, Q)
-
-    def pick(value: torch.Tensor) -> torch.Tensor:
-        return value.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    # Every candidate's terms are needed only to choose one, and only the chosen candidate's terms
+    # carry gradient: the choice is made without autograd, and the terms are computed again, with
+    # autograd, on the chosen candidate's logits alone (a third of the pixels for 3 candidates).
+    with torch.no_grad():
+        every = _mask_terms(logits=pred_masks, targets=targets, band=band, alpha=focal_alpha, gamma=focal_gamma)
+        chosen = sum(weights[name] * value for name, value in every.items()).argmin(dim=-1)  # (B, Q)
+    chosen_logits = pred_masks.gather(2, chosen[:, :, None, None, None].expand(batch, queries, 1, height, width))
+    per_query = {
+        name: value.squeeze(-1)
+        for name, value in _mask_terms(logits=chosen_logits, targets=targets, band=band, alpha=focal_alpha,
+                                       gamma=focal_gamma).items()
+    }
+    combined = sum(weights[name] * value for name, value in per_query.items())  # (B, Q)
 
     out: Dict[str, torch.Tensor] = {}
-    for name, value in per_candidate.items():
-        out[name] = normalize_over_queries(pick(value), query_mask=query_mask, num_queries=num_queries)
-    out["mask_loss"] = normalize_over_queries(pick(combined), query_mask=query_mask, num_queries=num_queries)
+    for name, value in per_query.items():
+        out[name] = normalize_over_queries(value, query_mask=query_mask, num_queries=num_queries)
+    out["mask_loss"] = normalize_over_queries(combined, query_mask=query_mask, num_queries=num_queries)
     head = iou_head_loss(iou_scores=iou_scores, pred_masks=pred_masks, targets=labels).mean(-1)  # (B, Q)
     out["iou_head_loss"] = normalize_over_queries(head, query_mask=query_mask, num_queries=num_queries)
     out["loss"] = out["mask_loss"] + iou_head_weight * out["iou_head_loss"]
