@@ -185,7 +185,7 @@ _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS = 1 << 20
 _CPU_BLOCKED_ATTENTION_BLOCK_PAIRS = 1 << 21
 
 
-def _blocked_attention(query, key, value):
+def _blocked_attention(query, key, value, key_bias=None):
     """Softmax attention computed a block of queries at a time (exact; memory bounded by the block).
 
     On CPUs with fast bfloat16 matrix units, two bf16 matrix products per block beat the fused
@@ -197,32 +197,81 @@ def _blocked_attention(query, key, value):
     outputs = []
     for start in range(0, query.shape[-2], block):
         scores = torch.matmul(query[..., start : start + block, :], key_t) * scale
+        if key_bias is not None:
+            scores = scores + key_bias
         outputs.append(torch.matmul(scores.softmax(dim=-1), value))
     return torch.cat(outputs, dim=-2)
 
 
-def _attention(query, key, value, implementation: Optional[str], return_weights: bool = False):
+def _attention(query, key, value, implementation: Optional[str], return_weights: bool = False, key_bias=None):
     """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
 
     The eager branch is the reference arithmetic of the original implementation; the sdpa branch
     is the fused kernel (same result up to float rounding), except for half-precision attention on
     a CPU with native half precision but no matrix tiles, where `_blocked_attention` is faster (same
     math; see the thresholds above). Attention weights need the eager branch.
+
+    `key_bias` (broadcastable to (..., 1, keys)) is added to the scaled scores of every query: the
+    log-multiplicity of merged repeated tokens (see `_merge_repeated_prompt_tokens`), or None.
     """
+    if key_bias is not None:
+        key_bias = key_bias.to(query.dtype)
     if implementation in (None, "sdpa") and not return_weights:
         if (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_blocked_half_attention_pays(query.dtype)):
             training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
             if not training or query.shape[-2] * key.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_TRAINING_PAIRS:
-                return _blocked_attention(query, key, value), None
+                return _blocked_attention(query, key, value, key_bias), None
         if torch.compiler.is_compiling():
             # inductor's CPU attention lowering mis-broadcasts inputs expanded with zero strides (the
             # image stream shared by every query): give it dense tensors
             query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        return F.scaled_dot_product_attention(query, key, value), None
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias), None
     weights = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
+    if key_bias is not None:
+        weights = weights + key_bias
     weights = weights.softmax(dim=-1)
     return torch.matmul(weights, value), weights
+
+
+def _merge_repeated_prompt_tokens(prompts: torch.Tensor):
+    """Merge the prompt tokens of a query that are exactly equal: (prompts (B, Q, U, C), log_multiplicity (B, Q, U)).
+
+    A box query is 2 corner tokens and 4 identical padding tokens (a lone point: 1 and 5). The mask
+    decoder treats a query's tokens symmetrically and token by token (self-attention, MLP and norms
+    per token, attention over the image per token), so equal tokens stay equal through every layer;
+    where they are attended to (self-attention, the image attending to the tokens), m equal keys
+    with equal values weigh as one key whose score is raised by log m. The merged decoder computes
+    the same function with fewer tokens (for boxes 8 instead of 11 with the 5 output tokens): the
+    image-sized attention products shrink in proportion.
+
+    U is the largest count of distinct tokens over the queries; a query with fewer has empty slots
+    (a copy of one of its tokens with log-multiplicity -inf, so never attended to). The gradient that
+    reaches a merged token is shared equally by its m copies, as the unmerged decoder gives it (equal
+    tokens get equal gradients by symmetry). Returns (prompts, None) when no token repeats.
+    """
+    count = prompts.shape[2]
+    same = (prompts.unsqueeze(3) == prompts.unsqueeze(2)).all(-1)  # (B, Q, P, P)
+    first = ~torch.tril(same, diagonal=-1).any(-1)  # (B, Q, P): not equal to an earlier token
+    distinct = first.sum(-1)
+    slots = int(distinct.max())
+    if slots == count:
+        return prompts, None
+    positions = torch.arange(count, device=prompts.device)
+    # the positions of each query's distinct tokens in order, then (empty slots) any of its tokens
+    order = torch.where(first, positions, positions + count).argsort(dim=-1)[..., :slots]  # (B, Q, U)
+    valid = torch.arange(slots, device=prompts.device) < distinct.unsqueeze(-1)
+    members = torch.gather(same, 2, order.unsqueeze(-1).expand(-1, -1, -1, count)) & valid.unsqueeze(-1)  # (B, Q, U, P)
+    multiplicity = members.sum(-1)
+    # in the prompts' dtype (float64 for a float64 model: log 4 rounded to float32 would show)
+    log_multiplicity = multiplicity.to(prompts.dtype).log().masked_fill(~valid, float("-inf"))
+    merged = torch.gather(prompts, 2, order.unsqueeze(-1).expand(-1, -1, -1, prompts.shape[-1]))
+    if prompts.requires_grad:
+        # forward: the gathered token exactly; backward: each copy gets 1/m of the merged token's gradient
+        share = members.to(prompts.dtype) / multiplicity.clamp_min(1).unsqueeze(-1).to(prompts.dtype)
+        averaged = torch.matmul(share, prompts)
+        merged = merged.detach() + (averaged - averaged.detach())
+    return merged, log_multiplicity
 
 
 def _as_float32(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -488,18 +537,22 @@ class EfficientSamDecoderAttention(nn.Module):
         *lead, tokens, width = projected.shape
         return projected.reshape(*lead, tokens, self.num_heads, width // self.num_heads).transpose(-3, -2)
 
-    def attend(self, query, key, value, return_weights: bool = False):
+    def attend(self, query, key, value, return_weights: bool = False, key_bias=None):
         """Attention over already projected and head-split tensors; returns (output, weights)."""
-        attended, weights = _attention(query, key, value, self.config._attn_implementation, return_weights)
+        attended, weights = _attention(query, key, value, self.config._attn_implementation, return_weights, key_bias)
         attended = attended.transpose(-3, -2)
         return self.out_proj(attended.reshape(*attended.shape[:-2], -1)), weights
 
-    def forward(self, query, key, value, return_weights: bool = False):
+    def forward(self, query, key, value, return_weights: bool = False, key_bias=None):
+        """`key_bias` (..., keys): added to every head's scores of each key (see `_attention`)."""
+        if key_bias is not None:
+            key_bias = key_bias.unsqueeze(-2).unsqueeze(-3)  # over heads and queries
         return self.attend(
             self.split_heads(self.q_proj(query)),
             self.split_heads(self.k_proj(key)),
             self.split_heads(self.v_proj(value)),
             return_weights,
+            key_bias,
         )
 
     def _head_weights(self, projection: nn.Linear) -> tuple:
@@ -539,11 +592,12 @@ class EfficientSamDecoderAttention(nn.Module):
         output = self.out_proj(values.reshape(batch, queries, num_tokens, -1))
         return output, probabilities.reshape(batch, queries, heads, num_tokens, -1)
 
-    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image):
+    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None):
         """The image attends to each query's tokens, with the residual: `image + forward(image_keys, token_keys, tokens)`.
 
         image_keys, image: (B, HW, C) shared by the Q queries of an image, or (B, Q, HW, C).
-        token_keys, tokens: (B, Q, T, C). Returns the new image stream (B, Q, HW, C), before the norm.
+        token_keys, tokens: (B, Q, T, C); token_bias: None or (B, Q, T), added to the scores of each
+        token (see `_attention`). Returns the new image stream (B, Q, HW, C), before the norm.
 
         Folded: a head's scores (W_q,h x + b_q,h) . k_h are x . (W_q,h^T k_h) + b_q,h . k_h, so every
         query's keys become (heads * T) vectors over the C input channels that multiply the image keys
@@ -560,6 +614,8 @@ class EfficientSamDecoderAttention(nn.Module):
         values = self.v_proj(tokens).reshape(batch, queries, num_tokens, heads, -1)
         folded = torch.einsum("bqthd,hdc->bqthc", keys, query_weight.to(keys.dtype))
         offset = torch.einsum("bqthd,hd->bqth", keys, query_bias.to(keys.dtype))
+        if token_bias is not None:
+            offset = offset + token_bias.unsqueeze(-1).to(offset.dtype)
         out_weight = self.out_proj.weight.reshape(width, heads, -1).to(values.dtype)
         projected = torch.einsum("bqthd,chd->bqthc", values, out_weight) + self.out_proj.bias.to(values.dtype) / heads
         rows = num_tokens * heads
@@ -597,18 +653,21 @@ class EfficientSamTwoWayLayer(nn.Module):
         self.cross_attn_image_to_token = EfficientSamDecoderAttention(config, rate)
         self.norm4 = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
-    def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False):
+    def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False,
+                token_bias=None):
         """One two-way layer.
 
         tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
         still the same for every query of an image, as in the first layer) else (B, Q, HW, C).
-        image_pe: (1, HW, C). Returns tokens (B, Q, T, C), the image stream (B, Q, HW, C) and, with
-        `return_weights`, the token-to-image attention probabilities (B, Q, heads, T, HW).
+        image_pe: (1, HW, C). token_bias: None or (B, Q, T), the log-multiplicity of merged tokens
+        wherever tokens are attended to (see `_merge_repeated_prompt_tokens`). Returns tokens
+        (B, Q, T, C), the image stream (B, Q, HW, C) and, with `return_weights`, the token-to-image
+        attention probabilities (B, Q, heads, T, HW).
         """
         batch, queries, num_tokens, width = tokens.shape
         if self.add_token_pe:
             tokens = tokens + token_pe
-        attended, _ = self.self_attn(tokens, tokens, tokens)
+        attended, _ = self.self_attn(tokens, tokens, tokens, key_bias=token_bias)
         tokens = self.norm1(tokens + attended)
 
         cross = self.cross_attn_token_to_image
@@ -631,7 +690,8 @@ class EfficientSamTwoWayLayer(nn.Module):
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
 
-        image = self.cross_attn_image_to_token.image_attends_to_tokens(image_keys, tokens + token_pe, tokens, image)
+        image = self.cross_attn_image_to_token.image_attends_to_tokens(image_keys, tokens + token_pe, tokens, image,
+                                                                         token_bias)
         image = self.norm4(image)
         return tokens, image, (weights if return_weights else None)
 
@@ -645,8 +705,10 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, tokens, image, image_pe, return_weights: bool = False, num_output_tokens: Optional[int] = None):
-        """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C).
+    def forward(self, tokens, image, image_pe, return_weights: bool = False, num_output_tokens: Optional[int] = None,
+                token_bias=None):
+        """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
+        see `EfficientSamTwoWayLayer`.
 
         Returns tokens, the image stream (B, Q, HW, C) and the attention probabilities (with
         `return_weights`). Only the first `num_output_tokens` tokens go through the final attention
@@ -656,7 +718,7 @@ class EfficientSamTwoWayTransformer(nn.Module):
         token_pe = tokens
         all_weights = []
         for index, layer in enumerate(self.layers):
-            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights)
+            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias)
             all_weights.append(weights)
         if image.dim() == 3:  # no two-way layer: the image stream is still shared
             image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
@@ -931,12 +993,17 @@ class EfficientSamMaskDecoder(nn.Module):
         height, width = image_embeddings.shape[-2:]
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
+        token_bias = None
+        if not output_attentions:  # the attention maps are returned for every prompt token
+            prompt_embeddings, log_multiplicity = _merge_repeated_prompt_tokens(prompt_embeddings)
+            if log_multiplicity is not None:
+                token_bias = F.pad(log_multiplicity, (output_tokens.shape[2], 0))  # output tokens: once each
         tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
 
         image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
         image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
         num_outputs = 1 + self.num_mask_tokens
-        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs)
+        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs, token_bias)
 
         iou_token_out = tokens[:, :, 0]
         mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
