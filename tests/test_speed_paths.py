@@ -113,12 +113,34 @@ def decoder_pair(dtype=torch.float64, seed=0):
     return model, reference
 
 
+# Which of a query's 6 prompt tokens are copies of which (the decoder merges equal tokens): a box
+# (2 corners, 4 equal padding tokens), a padded query (6 equal), a point (1 + 5 equal), repeats that
+# are not adjacent, and 5 distinct tokens (so no query has 6 and the merge really happens).
+REPEATS = [[0, 1, 2, 3, 4, 4], [0, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0],
+           [0, 1, 0, 2, 1, 1], [0, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1]]
+
+
 def decoder_inputs(model, dtype=torch.float64, batch=2, queries=3, seed=1):
     generator = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(batch, 32, 4, 4, generator=generator).to(dtype)
-    prompts = torch.randn(batch, queries, 6, 32, generator=generator).to(dtype)
+    distinct = torch.randn(batch * queries, 6, 32, generator=generator).to(dtype)
+    order = torch.tensor([REPEATS[i % len(REPEATS)] for i in range(batch * queries)])
+    prompts = torch.gather(distinct, 1, order[..., None].expand(-1, -1, 32)).reshape(batch, queries, 6, 32)
     image_pe = model.prompt_encoder.dense_positional_embedding().to(dtype).detach()
     return embeddings, image_pe, prompts
+
+
+def test_repeated_prompt_tokens_are_merged_with_their_multiplicity():
+    _, _, prompts = decoder_inputs(decoder_pair()[0])
+    merged, log_multiplicity = modeling._merge_repeated_prompt_tokens(prompts)
+    assert merged.shape == (2, 3, 5, 32)
+    counts = log_multiplicity.exp().round().long()  # exp(-inf) = 0: empty slots
+    assert counts.tolist() == [[[1, 1, 1, 1, 2], [1, 1, 4, 0, 0], [6, 0, 0, 0, 0]],
+                               [[2, 3, 1, 0, 0], [1, 1, 4, 0, 0], [1, 5, 0, 0, 0]]]
+    assert torch.equal(merged[1, 0, :3], prompts[1, 0, [0, 1, 3]])  # first copies, in order
+    # no repeats: nothing merged
+    distinct = torch.randn(2, 3, 6, 32, dtype=torch.float64)
+    assert modeling._merge_repeated_prompt_tokens(distinct)[1] is None
 
 
 def run_decoder(decoder, embeddings, image_pe, prompts, multimask, attentions, hidden, upstream):
