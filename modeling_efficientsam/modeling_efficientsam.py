@@ -481,6 +481,17 @@ class EfficientSamMlp(nn.Module):
         return self.fc(hidden_states)
 
 
+def _tracing() -> bool:
+    """torch.compile / TorchScript / ONNX tracing: such tracers get the plain operations."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype products run in: autocast's when it is on, else the tensor's."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 class _ImageScores(torch.autograd.Function):
     """`offset + rows @ image^T`: (G, R, C) rows against a (G, HW, C) image -> (G, R, HW) scores.
 
@@ -505,10 +516,86 @@ class _ImageScores(torch.autograd.Function):
 
 def _image_scores(rows: torch.Tensor, image: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """`_ImageScores` in the autocast dtype when autocast is on (as a plain baddbmm would be)."""
-    device = image.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else image.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = _compute_dtype(image)
+    with torch.autocast(image.device.type, enabled=False):
         return _ImageScores.apply(rows.to(dtype), image.to(dtype), offset.to(dtype))
+
+
+class _TokensAttendToImage(torch.autograd.Function):
+    """Per-query rows attend to a per-query image: `softmax(offset + rows @ keys^T) @ image`.
+
+    rows (G, R, C), offset (G, R, 1), image and keys (G, HW, C) -> (G, R, C). `keys` is the image plus
+    a constant (the positional encoding), passed without autograd history: its gradient is the image's.
+    The backward gives the image its whole gradient (through the scores and through the weighted sum)
+    in one matrix product, [dscores; probabilities]^T @ [rows; dpooled], instead of two image-sized
+    products and an image-sized sum.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, offset, image, keys):
+        probabilities = torch.baddbmm(offset, rows, keys.transpose(1, 2)).softmax(dim=-1)
+        ctx.save_for_backward(rows, image, keys, probabilities)
+        return torch.bmm(probabilities, image)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled):
+        rows, image, keys, probabilities = ctx.saved_tensors
+        grad_pooled = grad_pooled.to(image.dtype)
+        grad_probabilities = torch.bmm(grad_pooled, image.transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
+        grad_rows = torch.bmm(grad_scores, keys) if ctx.needs_input_grad[0] else None
+        grad_offset = grad_scores.sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_image = None
+        if ctx.needs_input_grad[2]:
+            left = torch.cat([grad_scores, probabilities], dim=1).transpose(1, 2)
+            grad_image = torch.bmm(left, torch.cat([rows, grad_pooled], dim=1))
+        return grad_rows, grad_offset, grad_image, None
+
+
+class _ImageAttendsToTokens(torch.autograd.Function):
+    """Each pixel of a per-query image attends to the query's tokens, with the residual:
+    `image + P^T @ values`, P the softmax over the T tokens (per head) of `offset + rows @ keys^T`.
+
+    rows (G, T * heads, C) token-major, offset (G, T * heads, 1), values (G, T * heads, C), image and
+    keys (G, HW, C) -> (G, HW, C). `keys` as in `_TokensAttendToImage`. The backward gives the image
+    its gradient (residual plus scores) in one fused multiply-add, `baddbmm(dnew, dscores^T, rows)`.
+    The image may be in a wider dtype than the products (float32 under bf16 autocast): the residual
+    is then added in the image's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, offset, values, image, keys, num_tokens):
+        groups, num_rows = rows.shape[:2]
+        scores = torch.baddbmm(offset, rows, keys.transpose(1, 2))
+        probabilities = scores.view(groups, num_tokens, -1).softmax(dim=1).view(groups, num_rows, -1)
+        ctx.save_for_backward(rows, values, keys, probabilities)
+        ctx.num_tokens = num_tokens
+        if image.dtype == values.dtype:
+            return torch.baddbmm(image, probabilities.transpose(1, 2), values)
+        return torch.bmm(probabilities.transpose(1, 2), values).to(image.dtype).add_(image)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_image):
+        rows, values, keys, probabilities = ctx.saved_tensors
+        groups, num_rows = rows.shape[:2]
+        grad = grad_image.to(keys.dtype)
+        grad_values = torch.bmm(probabilities, grad) if ctx.needs_input_grad[2] else None
+        grad_probabilities = torch.bmm(values, grad.transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(
+            grad_probabilities.view(groups, ctx.num_tokens, -1), probabilities.view(groups, ctx.num_tokens, -1), 1,
+            probabilities.dtype,
+        ).view(groups, num_rows, -1)
+        grad_rows = torch.bmm(grad_scores, keys) if ctx.needs_input_grad[0] else None
+        grad_offset = grad_scores.sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_input = None
+        if ctx.needs_input_grad[3]:
+            if grad_image.dtype == rows.dtype:
+                grad_input = torch.baddbmm(grad_image, grad_scores.transpose(1, 2), rows)
+            else:
+                grad_input = torch.bmm(grad_scores.transpose(1, 2), rows).to(grad_image.dtype).add_(grad_image)
+        return grad_rows, grad_offset, grad_values, grad_input, None, None
 
 
 class EfficientSamDecoderAttention(nn.Module):
@@ -561,11 +648,13 @@ class EfficientSamDecoderAttention(nn.Module):
         weight, bias = projection.weight, projection.bias
         return weight.reshape(heads, -1, weight.shape[-1]), bias.reshape(heads, -1)
 
-    def tokens_attend_to_image(self, query_tokens, image_keys, image):
+    def tokens_attend_to_image(self, query_tokens, image_keys, image, fused: bool = False):
         """Per-query tokens attend to a per-query image stream: `forward(query_tokens, image_keys, image)`.
 
         query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C). Returns the output (B, Q, T, C) and
-        the attention probabilities (B, Q, heads, T, HW).
+        the attention probabilities (B, Q, heads, T, HW), or None with `fused`: then `image_keys` is
+        the image plus the positional encoding made without autograd, and `_TokensAttendToImage`
+        computes the attention (its backward gives the image the keys' gradient too).
 
         Folded: a head's scores q_h . (W_k,h x + b_k,h) are (q_h W_k,h) . x + q_h . b_k,h, so each head's
         queries are mapped back to the C input channels (heads * T rows) and multiplied with the image
@@ -583,21 +672,32 @@ class EfficientSamDecoderAttention(nn.Module):
         offset = torch.einsum("bqthd,hd->bqht", query, key_bias.to(query.dtype))
         rows = heads * num_tokens
         image_keys = image_keys.reshape(batch * queries, -1, width)
-        scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
-                               offset.reshape(batch * queries, rows, 1))
-        probabilities = scores.softmax(dim=-1)
-        pooled = torch.bmm(probabilities.to(image.dtype), image.reshape(batch * queries, -1, width))
+        if fused:
+            dtype = _compute_dtype(image)
+            with torch.autocast(image.device.type, enabled=False):
+                pooled = _TokensAttendToImage.apply(
+                    folded.reshape(batch * queries, rows, width).to(dtype), offset.reshape(batch * queries, rows, 1).to(dtype),
+                    image.reshape(batch * queries, -1, width).to(dtype), image_keys.to(dtype))
+            probabilities = None
+        else:
+            scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
+                                   offset.reshape(batch * queries, rows, 1))
+            probabilities = scores.softmax(dim=-1)
+            pooled = torch.bmm(probabilities.to(image.dtype), image.reshape(batch * queries, -1, width))
+            probabilities = probabilities.reshape(batch, queries, heads, num_tokens, -1)
         pooled = pooled.reshape(batch, queries, heads, num_tokens, width)
         values = torch.einsum("bqhtc,hdc->bqthd", pooled, value_weight.to(pooled.dtype)) + value_bias.to(pooled.dtype)
         output = self.out_proj(values.reshape(batch, queries, num_tokens, -1))
-        return output, probabilities.reshape(batch, queries, heads, num_tokens, -1)
+        return output, probabilities
 
-    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None):
+    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None, fused: bool = False):
         """The image attends to each query's tokens, with the residual: `image + forward(image_keys, token_keys, tokens)`.
 
         image_keys, image: (B, HW, C) shared by the Q queries of an image, or (B, Q, HW, C).
         token_keys, tokens: (B, Q, T, C); token_bias: None or (B, Q, T), added to the scores of each
-        token (see `_attention`). Returns the new image stream (B, Q, HW, C), before the norm.
+        token (see `_attention`). Returns the new image stream (B, Q, HW, C), before the norm. With
+        `fused` (a per-query image only), `image_keys` is made without autograd and
+        `_ImageAttendsToTokens` computes the attention (see `tokens_attend_to_image`).
 
         Folded: a head's scores (W_q,h x + b_q,h) . k_h are x . (W_q,h^T k_h) + b_q,h . k_h, so every
         query's keys become (heads * T) vectors over the C input channels that multiply the image keys
@@ -620,6 +720,15 @@ class EfficientSamDecoderAttention(nn.Module):
         projected = torch.einsum("bqthd,chd->bqthc", values, out_weight) + self.out_proj.bias.to(values.dtype) / heads
         rows = num_tokens * heads
         shared = image_keys.dim() == 3
+        if fused and not shared:
+            dtype = _compute_dtype(image)
+            groups = batch * queries
+            with torch.autocast(image.device.type, enabled=False):
+                updated = _ImageAttendsToTokens.apply(
+                    folded.reshape(groups, rows, width).to(dtype), offset.reshape(groups, rows, 1).to(dtype),
+                    projected.reshape(groups, rows, width).to(dtype), image.reshape(groups, -1, width),
+                    image_keys.reshape(groups, -1, width).to(dtype), num_tokens)
+            return updated.reshape(batch, queries, -1, width)
         groups = batch if shared else batch * queries
         scores = _image_scores(folded.reshape(groups, -1, width), image_keys.reshape(groups, -1, width),
                                offset.reshape(groups, -1, 1))  # (groups, [Q] * T * heads, HW)
@@ -637,6 +746,14 @@ class EfficientSamDecoderAttention(nn.Module):
         if probabilities.dtype == image.dtype:
             return torch.baddbmm(image, probabilities, projected).reshape(batch, queries, -1, width)
         return torch.bmm(probabilities, projected).to(image.dtype).add_(image).reshape(batch, queries, -1, width)
+
+
+def _fused_image_attention(image_pe: torch.Tensor, return_weights: bool) -> bool:
+    """Whether attention between tokens and a per-query image runs as `_TokensAttendToImage` /
+    `_ImageAttendsToTokens`: not when attention maps are returned (the fused forms do not keep
+    them), under tracers (they trace plain operations), or for a positional encoding that needs a
+    gradient (the fused forms give it none; the model's is a buffer)."""
+    return not return_weights and not _tracing() and not image_pe.requires_grad
 
 
 class EfficientSamTwoWayLayer(nn.Module):
@@ -671,7 +788,9 @@ class EfficientSamTwoWayLayer(nn.Module):
         tokens = self.norm1(tokens + attended)
 
         cross = self.cross_attn_token_to_image
-        image_keys = image + image_pe
+        fused = not shared_image and _fused_image_attention(image_pe, return_weights)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+            image_keys = image + image_pe  # without autograd when fused: the fused functions route its gradient
         if shared_image:
             # Keys and values depend on the image only: project once per image and let every query of
             # the image attend in one call (rows of a softmax are independent, so this is exact).
@@ -686,12 +805,12 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
-            attended, weights = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image)
+            attended, weights = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
 
         image = self.cross_attn_image_to_token.image_attends_to_tokens(image_keys, tokens + token_pe, tokens, image,
-                                                                         token_bias)
+                                                                         token_bias, fused)
         image = self.norm4(image)
         return tokens, image, (weights if return_weights else None)
 
@@ -724,7 +843,10 @@ class EfficientSamTwoWayTransformer(nn.Module):
             image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
         if num_output_tokens is not None and not return_weights:
             tokens, token_pe = tokens[:, :, :num_output_tokens], token_pe[:, :, :num_output_tokens]
-        attended, weights = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image + image_pe, image)
+        fused = _fused_image_attention(image_pe, return_weights)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+            image_keys = image + image_pe
+        attended, weights = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         all_weights.append(weights)
         tokens = self.norm_final_attn(tokens + attended)
         return tokens, image, (tuple(all_weights) if return_weights else None)
@@ -908,15 +1030,10 @@ class EfficientSamMaskDecoder(nn.Module):
             width, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth, act=config.hidden_act
         )
 
-    @staticmethod
-    def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-        device = tensor.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
     def upscale(self, image: torch.Tensor) -> torch.Tensor:
         """(N, HW, C) image stream -> (N, 16 HW, C') upscaled features in sub-pixel order (see
         `_sub_pixel_to_raster`): conv1, GroupNorm(1 group), GELU, conv2, GELU, in plain operations."""
-        dtype = self._compute_dtype(image)
+        dtype = _compute_dtype(image)
         stat = torch.float64 if dtype == torch.float64 else torch.float32
         weight1, bias1 = _pixel_convolution_weights(self.upscale_conv1, dtype)
         weight2, bias2 = _pixel_convolution_weights(self.upscale_conv2, dtype)
@@ -938,9 +1055,8 @@ class EfficientSamMaskDecoder(nn.Module):
         (N, C', 4h, 4w)), under torch.compile / export (which trace plain operations), and as the
         fused head's reference in the tests.
         """
-        dtype = self._compute_dtype(image)
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if return_upscaled or tracing:
+        dtype = _compute_dtype(image)
+        if return_upscaled or _tracing():
             upscaled = self.upscale(image)
             with torch.autocast(image.device.type, enabled=False):
                 logits = torch.bmm(upscaled, hyper_in.to(dtype).transpose(1, 2))
@@ -969,8 +1085,7 @@ class EfficientSamMaskDecoder(nn.Module):
         batch, queries = prompt_embeddings.shape[:2]
         per_query = image_embeddings[0].numel() * 4  # bytes of one query's float32 image stream
         group = max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if queries <= group or tracing:
+        if queries <= group or _tracing():
             return self._decode(image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions,
                                 output_hidden_states)
         parts = [
