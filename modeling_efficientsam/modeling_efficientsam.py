@@ -524,23 +524,28 @@ def _image_scores(rows: torch.Tensor, image: torch.Tensor, offset: torch.Tensor)
 class _TokensAttendToImage(torch.autograd.Function):
     """Per-query rows attend to a per-query image: `softmax(offset + rows @ keys^T) @ image`.
 
-    rows (G, R, C), offset (G, R, 1), image and keys (G, HW, C) -> (G, R, C). `keys` is the image plus
-    a constant (the positional encoding), passed without autograd history: its gradient is the image's.
-    The backward gives the image its whole gradient (through the scores and through the weighted sum)
-    in one matrix product, [dscores; probabilities]^T @ [rows; dpooled], instead of two image-sized
-    products and an image-sized sum.
+    rows (G, R, C), offset (G, R, 1), image and keys (G, HW, C) -> (pooled (G, R, C), image). `keys`
+    is the image plus a constant (the positional encoding), passed without autograd history: its
+    gradient is the image's. The image is returned as a second output for the image's next user
+    (the next attention, or the mask head), so that its gradient arrives here: the backward then
+    gives the image its whole gradient (that one, plus through the scores and the weighted sum) in
+    one fused multiply-add, `dnext + [dscores; probabilities]^T @ [rows; dpooled]`, instead of two
+    image-sized products and two image-sized sums.
     """
 
     @staticmethod
     def forward(ctx, rows, offset, image, keys):
+        ctx.set_materialize_grads(False)
         probabilities = torch.baddbmm(offset, rows, keys.transpose(1, 2)).softmax(dim=-1)
         ctx.save_for_backward(rows, image, keys, probabilities)
-        return torch.bmm(probabilities, image)
+        return torch.bmm(probabilities, image), image.view_as(image)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_pooled):
+    def backward(ctx, grad_pooled, grad_next):
         rows, image, keys, probabilities = ctx.saved_tensors
+        if grad_pooled is None:
+            return None, None, grad_next, None
         grad_pooled = grad_pooled.to(image.dtype)
         grad_probabilities = torch.bmm(grad_pooled, image.transpose(1, 2))
         grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
@@ -549,7 +554,13 @@ class _TokensAttendToImage(torch.autograd.Function):
         grad_image = None
         if ctx.needs_input_grad[2]:
             left = torch.cat([grad_scores, probabilities], dim=1).transpose(1, 2)
-            grad_image = torch.bmm(left, torch.cat([rows, grad_pooled], dim=1))
+            right = torch.cat([rows, grad_pooled], dim=1)
+            if grad_next is None:
+                grad_image = torch.bmm(left, right)
+            elif grad_next.dtype == left.dtype:
+                grad_image = torch.baddbmm(grad_next, left, right)
+            else:
+                grad_image = torch.bmm(left, right).to(grad_next.dtype).add_(grad_next)
         return grad_rows, grad_offset, grad_image, None
 
 
@@ -652,9 +663,11 @@ class EfficientSamDecoderAttention(nn.Module):
         """Per-query tokens attend to a per-query image stream: `forward(query_tokens, image_keys, image)`.
 
         query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C). Returns the output (B, Q, T, C) and
-        the attention probabilities (B, Q, heads, T, HW), or None with `fused`: then `image_keys` is
-        the image plus the positional encoding made without autograd, and `_TokensAttendToImage`
-        computes the attention (its backward gives the image the keys' gradient too).
+        the attention probabilities (B, Q, heads, T, HW), and the image for its next user. With
+        `fused`, `image_keys` is the image plus the positional encoding made without autograd,
+        `_TokensAttendToImage` computes the attention (its backward gives the image the keys'
+        gradient too), no probabilities are returned (None), and the returned image is the function's
+        pass-through output: the image's later users must take that one (see `_TokensAttendToImage`).
 
         Folded: a head's scores q_h . (W_k,h x + b_k,h) are (q_h W_k,h) . x + q_h . b_k,h, so each head's
         queries are mapped back to the C input channels (heads * T rows) and multiplied with the image
@@ -675,10 +688,12 @@ class EfficientSamDecoderAttention(nn.Module):
         if fused:
             dtype = _compute_dtype(image)
             with torch.autocast(image.device.type, enabled=False):
-                pooled = _TokensAttendToImage.apply(
+                pooled, passed = _TokensAttendToImage.apply(
                     folded.reshape(batch * queries, rows, width).to(dtype), offset.reshape(batch * queries, rows, 1).to(dtype),
                     image.reshape(batch * queries, -1, width).to(dtype), image_keys.to(dtype))
             probabilities = None
+            if passed.dtype == image.dtype:  # (under autocast the pass-through is the compute-dtype copy)
+                image = passed.reshape(image.shape)
         else:
             scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
                                    offset.reshape(batch * queries, rows, 1))
@@ -688,7 +703,7 @@ class EfficientSamDecoderAttention(nn.Module):
         pooled = pooled.reshape(batch, queries, heads, num_tokens, width)
         values = torch.einsum("bqhtc,hdc->bqthd", pooled, value_weight.to(pooled.dtype)) + value_bias.to(pooled.dtype)
         output = self.out_proj(values.reshape(batch, queries, num_tokens, -1))
-        return output, probabilities
+        return output, probabilities, image
 
     def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None, fused: bool = False):
         """The image attends to each query's tokens, with the residual: `image + forward(image_keys, token_keys, tokens)`.
@@ -805,7 +820,7 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
-            attended, weights = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
+            attended, weights, image = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
 
@@ -846,7 +861,8 @@ class EfficientSamTwoWayTransformer(nn.Module):
         fused = _fused_image_attention(image_pe, return_weights)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
             image_keys = image + image_pe
-        attended, weights = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
+        attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys,
+                                                                                        image, fused)
         all_weights.append(weights)
         tokens = self.norm_final_attn(tokens + attended)
         return tokens, image, (tuple(all_weights) if return_weights else None)
