@@ -785,16 +785,25 @@ class EfficientSamTwoWayLayer(nn.Module):
         self.cross_attn_image_to_token = EfficientSamDecoderAttention(config, rate)
         self.norm4 = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
+    def shared_image_inputs(self, image, image_pe) -> tuple:
+        """What the layer computes from an image stream shared by all queries of an image (the first
+        layer's): the keys `image + image_pe` and the token-to-image attention's projected keys and
+        values, head-split. Made once per call of the decoder, not once per group of queries."""
+        cross = self.cross_attn_token_to_image
+        image_keys = image + image_pe
+        return image_keys, cross.split_heads(cross.k_proj(image_keys)), cross.split_heads(cross.v_proj(image))
+
     def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False,
-                token_bias=None):
+                token_bias=None, shared_inputs: Optional[tuple] = None):
         """One two-way layer.
 
         tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
         still the same for every query of an image, as in the first layer) else (B, Q, HW, C).
         image_pe: (1, HW, C). token_bias: None or (B, Q, T), the log-multiplicity of merged tokens
-        wherever tokens are attended to (see `_merge_repeated_prompt_tokens`). Returns tokens
-        (B, Q, T, C), the image stream (B, Q, HW, C) and, with `return_weights`, the token-to-image
-        attention probabilities (B, Q, heads, T, HW).
+        wherever tokens are attended to (see `_merge_repeated_prompt_tokens`). shared_inputs: the
+        `shared_image_inputs` of a shared image, when already made. Returns tokens (B, Q, T, C), the
+        image stream (B, Q, HW, C) and, with `return_weights`, the token-to-image attention
+        probabilities (B, Q, heads, T, HW).
         """
         batch, queries, num_tokens, width = tokens.shape
         if self.add_token_pe:
@@ -804,14 +813,11 @@ class EfficientSamTwoWayLayer(nn.Module):
 
         cross = self.cross_attn_token_to_image
         fused = not shared_image and _fused_image_attention(image_pe, return_weights)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
-            image_keys = image + image_pe  # without autograd when fused: the fused functions route its gradient
         if shared_image:
             # Keys and values depend on the image only: project once per image and let every query of
             # the image attend in one call (rows of a softmax are independent, so this is exact).
+            image_keys, key, value = shared_inputs or self.shared_image_inputs(image, image_pe)  # key, value (B, H, HW, d)
             query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
-            key = cross.split_heads(cross.k_proj(image_keys))  # (B, H, HW, d)
-            value = cross.split_heads(cross.v_proj(image))
             heads, head_dim = query.shape[2], query.shape[-1]
             stacked = query.permute(0, 2, 1, 3, 4).reshape(batch, heads, queries * num_tokens, head_dim)
             attended, weights = _attention(stacked, key, value, cross.config._attn_implementation, return_weights)
@@ -820,6 +826,8 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+                image_keys = image + image_pe  # without autograd when fused: the fused functions route its gradient
             attended, weights, image = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
@@ -839,10 +847,14 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    def shared_image_inputs(self, image, image_pe) -> Optional[tuple]:
+        """The first layer's per-image work (see `EfficientSamTwoWayLayer.shared_image_inputs`), or None."""
+        return self.layers[0].shared_image_inputs(image, image_pe) if len(self.layers) else None
+
     def forward(self, tokens, image, image_pe, return_weights: bool = False, num_output_tokens: Optional[int] = None,
-                token_bias=None):
+                token_bias=None, shared_inputs: Optional[tuple] = None):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
-        see `EfficientSamTwoWayLayer`.
+        see `EfficientSamTwoWayLayer`; shared_inputs: `shared_image_inputs(image, image_pe)` if made.
 
         Returns tokens, the image stream (B, Q, HW, C) and the attention probabilities (with
         `return_weights`). Only the first `num_output_tokens` tokens go through the final attention
@@ -852,7 +864,8 @@ class EfficientSamTwoWayTransformer(nn.Module):
         token_pe = tokens
         all_weights = []
         for index, layer in enumerate(self.layers):
-            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias)
+            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias,
+                                           shared_inputs if index == 0 else None)
             all_weights.append(weights)
         if image.dim() == 3:  # no two-way layer: the image stream is still shared
             image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
@@ -1096,17 +1109,23 @@ class EfficientSamMaskDecoder(nn.Module):
         upscaled embeddings (B, Q, C', 4h, 4w) (else None).
 
         Queries are decoded in groups whose per-query image-sized tensors stay below
-        `_QUERY_GROUP_BYTES` (see there); each query's outputs are the same either way.
+        `_QUERY_GROUP_BYTES` (see there); each query's outputs are the same either way. The work that
+        depends on the image only is done once for all groups.
         """
         batch, queries = prompt_embeddings.shape[:2]
-        per_query = image_embeddings[0].numel() * 4  # bytes of one query's float32 image stream
+        height, width = image_embeddings.shape[-2:]
+        image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
+        image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
+        per_query = image[0].numel() * 4  # bytes of one query's float32 image stream
         group = max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
+        grid = (height, width)
         if queries <= group or _tracing():
-            return self._decode(image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions,
-                                output_hidden_states)
+            return self._decode(image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
+                                output_hidden_states, None)
+        shared = self.transformer.shared_image_inputs(image, image_pe)
         parts = [
-            self._decode(image_embeddings, image_pe, prompt_embeddings[:, start : start + group], multimask_output,
-                         output_attentions, output_hidden_states)
+            self._decode(image, image_pe, grid, prompt_embeddings[:, start : start + group], multimask_output,
+                         output_attentions, output_hidden_states, shared)
             for start in range(0, queries, group)
         ]
         masks, iou_pred, tokens, upscaled = (
@@ -1118,10 +1137,12 @@ class EfficientSamMaskDecoder(nn.Module):
             attentions = tuple(torch.cat([part[2][layer] for part in parts], dim=1) for layer in range(len(parts[0][2])))
         return masks, iou_pred, attentions, tokens, upscaled
 
-    def _decode(self, image_embeddings, image_pe, prompt_embeddings, multimask_output, output_attentions,
-                output_hidden_states):
+    def _decode(self, image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
+                output_hidden_states, shared):
+        """One group of queries: image (B, HW, C), image_pe (1, HW, C), grid (h, w), prompt_embeddings
+        (B, Q, P, C), shared: the transformer's `shared_image_inputs` or None. Returns `forward`'s outputs."""
         batch, queries = prompt_embeddings.shape[:2]
-        height, width = image_embeddings.shape[-2:]
+        height, width = grid
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         token_bias = None
@@ -1131,10 +1152,9 @@ class EfficientSamMaskDecoder(nn.Module):
                 token_bias = F.pad(log_multiplicity, (output_tokens.shape[2], 0))  # output tokens: once each
         tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
 
-        image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
-        image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
         num_outputs = 1 + self.num_mask_tokens
-        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs, token_bias)
+        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs, token_bias,
+                                                     shared)
 
         iou_token_out = tokens[:, :, 0]
         mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
