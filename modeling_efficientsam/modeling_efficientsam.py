@@ -946,10 +946,13 @@ class _EfficientSamMaskHead(torch.autograd.Function):
     queries together) and never stored: the backward pass recomputes them block by block. Most of
     the memory traffic then stays in cache.
 
-    Inputs: image (N, HW, C) in the compute dtype; weight1, bias1, weight2, bias2 from
-    `_pixel_convolution_weights` in the compute dtype; gamma, beta (C1) and eps of the GroupNorm;
+    Inputs: image (N, HW, C) in the compute dtype; weight1, weight2, bias2 from
+    `_pixel_convolution_weights` in the compute dtype, and bias1, conv1's own bias (C1); gamma, beta
+    (C1) and eps of the GroupNorm;
     hyper (N, K, C2); the embedding grid (height, width). Returns mask logits (N, K, 4h, 4w).
-    Statistics and the normalization run in float32 (float64 for float64 inputs).
+    Statistics and the normalization run in float32 (float64 for float64 inputs). The first map is
+    stored without conv1's bias, which goes into the statistics and the normalization's shift (one
+    image-sized pass fewer each way).
     """
 
     @staticmethod
@@ -960,14 +963,17 @@ class _EfficientSamMaskHead(torch.autograd.Function):
         stat = torch.float64 if dtype == torch.float64 else torch.float32
         blocks = _pixel_blocks(batch, pixels)
         with torch.autocast(image.device.type, enabled=False):
-            first = torch.addmm(bias1, image.reshape(-1, channels), weight1).view(batch, pixels, 4 * channels1)
-            # GroupNorm statistics in two passes (mean, then the centred sum of squares): as exact as
-            # Welford's, and several times faster than torch.var_mean on CPU
-            flat = first.view(batch, -1)
-            mean = flat.sum(1, dtype=stat) / flat.shape[1]
-            variance = torch.stack([(flat[n].to(stat) - mean[n]).square_().sum() for n in range(batch)]) / flat.shape[1]
+            first = torch.mm(image.reshape(-1, channels), weight1).view(batch, pixels, 4 * channels1)  # + bias1
+            # GroupNorm statistics of first + bias1 in two passes (mean, then the centred sum of
+            # squares): as exact as Welford's, and several times faster than torch.var_mean on CPU
+            bias = bias1.to(stat)  # the same for the 4 sub-pixels of a pixel
+            count = first[0].numel()
+            mean = (first.view(batch, -1).sum(1, dtype=stat) + 4 * pixels * bias.sum()) / count
+            pixel_bias = bias.repeat(4)
+            variance = torch.stack([(first[n].to(stat) + (pixel_bias - mean[n])).square_().sum() for n in range(batch)]) / count
             rstd = torch.rsqrt(variance + eps)
             scale, shift = _normalization(gamma, beta, mean, rstd)
+            shift = torch.addcmul(shift, bias, scale)
             logits = torch.empty(batch, 16 * pixels, hyper.shape[1], dtype=dtype, device=image.device)
             hyper_t = hyper.transpose(1, 2)
             for start, stop in blocks:
@@ -975,21 +981,23 @@ class _EfficientSamMaskHead(torch.autograd.Function):
                 activated = F.gelu(normalized).to(dtype).view(-1, channels1)
                 second = F.gelu(torch.addmm(bias2, activated, weight2)).view(batch, -1, channels2)
                 logits[:, 16 * start : 16 * stop] = torch.bmm(second, hyper_t)
-        ctx.save_for_backward(image, first, mean, rstd, weight1, gamma, beta, weight2, bias2, hyper)
+        ctx.save_for_backward(image, first, mean, rstd, weight1, bias1, gamma, beta, weight2, bias2, hyper)
         ctx.grid = (height, width)
         return _sub_pixel_to_raster(logits, height, width)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits):
-        image, first, mean, rstd, weight1, gamma, beta, weight2, bias2, hyper = ctx.saved_tensors
+        image, first, mean, rstd, weight1, bias1, gamma, beta, weight2, bias2, hyper = ctx.saved_tensors
         dtype, stat, device = image.dtype, mean.dtype, image.device
         batch, pixels, channels = image.shape
         channels1, channels2 = gamma.numel(), hyper.shape[-1]
         blocks = _pixel_blocks(batch, pixels)
         with torch.autocast(device.type, enabled=False):
             grad_logits = _raster_to_sub_pixel(grad_logits.to(dtype), *ctx.grid)
+            bias = bias1.to(stat)
             scale, shift = _normalization(gamma, beta, mean, rstd)
+            shift = torch.addcmul(shift, bias, scale)
             grad_hyper = torch.zeros(hyper.shape, dtype=stat, device=device)
             grad_weight2 = torch.zeros(weight2.shape, dtype=stat, device=device)
             grad_bias2 = torch.zeros(bias2.shape, dtype=stat, device=device)
@@ -1008,13 +1016,15 @@ class _EfficientSamMaskHead(torch.autograd.Function):
                 grad_before = grad_before.view(-1, 4 * channels2)
                 grad_weight2 += torch.mm(activated.t(), grad_before)
                 grad_bias2 += grad_before.sum(0)
-                grad = torch.ops.aten.gelu_backward(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
-                                                    normalized)
-                grad_normalized[:, start:stop] = grad.view(batch, stop - start, -1)
+                grad = grad_normalized[:, start:stop].view(batch, -1, channels1)  # written in place
+                torch.ops.aten.gelu_backward.grad_input(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
+                                                        normalized, grad_input=grad)
                 sum_grad += grad.sum(1)
                 sum_grad_first += (grad * first_block).sum(1)
+            sum_grad_first += bias * sum_grad  # first_block lacked conv1's bias
             # GroupNorm backward (one group): with x_hat = (x - mean) rstd and g = dL/dy * gamma,
-            # dL/dx = rstd (g - mean(g) - x_hat mean(g x_hat)), means over all elements of a query.
+            # dL/dx = rstd (g - mean(g) - x_hat mean(g x_hat)), means over all elements of a query;
+            # x = first + bias.
             count = first[0].numel()
             gamma_ = gamma.to(stat)
             grad_gamma = rstd[:, None] * (sum_grad_first - mean[:, None] * sum_grad)  # per query
@@ -1023,13 +1033,14 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             coefficient = (rstd[:, None] * gamma_).repeat(1, 4)[:, None]  # (N, 1, 4 C1), like a pixel row
             first_coefficient = (-rstd * rstd * mean_g_x_hat)[:, None, None]
             constant = (-rstd * mean_g + mean * rstd * rstd * mean_g_x_hat)[:, None, None]
+            constant = torch.addcmul(constant, bias.repeat(4), first_coefficient)  # (N, 1, 4 C1): for first + bias
             grad_first = torch.addcmul(constant, first.to(stat), first_coefficient)
             grad_first = grad_first.addcmul_(grad_normalized, coefficient).to(dtype).view(-1, 4 * channels1)
             grad_image = None
             if ctx.needs_input_grad[0]:
                 grad_image = torch.mm(grad_first, weight1.t()).view(image.shape)
             grad_weight1 = torch.mm(image.reshape(-1, channels).t(), grad_first)
-            grad_bias1 = grad_first.sum(0)
+            grad_bias1 = grad_first.view(-1, channels1).sum(0)
         return (
             grad_image, grad_weight1.to(weight1.dtype), grad_bias1.to(weight1.dtype),
             grad_gamma.sum(0).to(gamma.dtype), sum_grad.sum(0).to(beta.dtype), None,
@@ -1091,11 +1102,12 @@ class EfficientSamMaskDecoder(nn.Module):
                 logits = torch.bmm(upscaled, hyper_in.to(dtype).transpose(1, 2))
             masks = _sub_pixel_to_raster(logits, height, width)
             return masks, (_sub_pixel_to_raster(upscaled, height, width) if return_upscaled else None)
-        weight1, bias1 = _pixel_convolution_weights(self.upscale_conv1, dtype)
+        weight1, _ = _pixel_convolution_weights(self.upscale_conv1, dtype)
         weight2, bias2 = _pixel_convolution_weights(self.upscale_conv2, dtype)
         norm = self.upscale_norm
         masks = _EfficientSamMaskHead.apply(
-            image.to(dtype), weight1, bias1, norm.weight, norm.bias, norm.eps, weight2, bias2, hyper_in.to(dtype),
+            image.to(dtype), weight1, self.upscale_conv1.bias, norm.weight, norm.bias, norm.eps, weight2, bias2,
+            hyper_in.to(dtype),
             height, width,
         )
         return masks, None

@@ -592,21 +592,27 @@ def _decoder_attention_inputs(shared: bool):
     return attention, tokens, token_keys, image, image_keys
 
 
-def test_folded_token_to_image_attention_equals_the_projected_one():
+@pytest.mark.parametrize("fused", [False, True])
+def test_folded_token_to_image_attention_equals_the_projected_one(fused):
+    """`fused`: the autograd function form (no attention maps; the image comes back for its next user)."""
     attention, tokens, _, image, image_keys = _decoder_attention_inputs(shared=False)
     expected, expected_weights = attention(tokens, image_keys, image, return_weights=True)
-    got, weights = attention.tokens_attend_to_image(tokens, image_keys, image)
+    got, weights, passed = attention.tokens_attend_to_image(tokens, image_keys, image, fused)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    if fused:
+        assert weights is None
+    else:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    assert torch.equal(passed, image)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_folded_image_to_token_attention_equals_the_projected_one(shared):
+@pytest.mark.parametrize("shared, fused", [(True, False), (False, False), (False, True)])
+def test_folded_image_to_token_attention_equals_the_projected_one(shared, fused):
     """With the residual; `shared`: one image stream for all queries of an image (the first layer)."""
     attention, tokens, token_keys, image, image_keys = _decoder_attention_inputs(shared)
     queries = tokens.shape[1]
     per_query = (lambda t: t.unsqueeze(1).expand(-1, queries, -1, -1)) if shared else (lambda t: t)
     expected = per_query(image) + attention(per_query(image_keys), token_keys, tokens)[0]
-    got = attention.image_attends_to_tokens(image_keys, token_keys, tokens, image)
+    got = attention.image_attends_to_tokens(image_keys, token_keys, tokens, image, fused=fused)
     assert got.shape == expected.shape == (2, 3, 16, 32)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -281,9 +281,34 @@ def test_fused_mask_head_gradcheck():
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
     pixels, channels, first, second, candidates = 4, 6, 3, 2, 2
-    args = (tensor(2, pixels, channels), tensor(channels, 4 * first), tensor(4 * first), tensor(first), tensor(first),
+    args = (tensor(2, pixels, channels), tensor(channels, 4 * first), tensor(first), tensor(first), tensor(first),
             1e-5, tensor(first, 4 * second), tensor(4 * second), tensor(2, candidates, second), 2, 2)
     assert torch.autograd.gradcheck(lambda *a: modeling._EfficientSamMaskHead.apply(*a), args, eps=1e-6, atol=1e-6)
+
+
+def test_fused_image_attention_gradcheck():
+    """The hand-written backwards of the two attentions between tokens and a per-query image against
+    finite differences (float64); the keys are the image plus a constant, made without autograd, as
+    in the decoder, so the image's gradient through the keys comes from the functions themselves."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=grad)
+
+    groups, tokens, heads, pixels, width = 2, 3, 2, 5, 4
+    rows = tokens * heads
+    constant = tensor(pixels, width, grad=False)
+
+    def tokens_attend(query_rows, offset, image):
+        return modeling._TokensAttendToImage.apply(query_rows, offset, image, (image + constant).detach())
+
+    def image_attends(key_rows, offset, values, image):
+        return modeling._ImageAttendsToTokens.apply(key_rows, offset, values, image, (image + constant).detach(), tokens)
+
+    image = tensor(groups, pixels, width)
+    assert torch.autograd.gradcheck(tokens_attend, (tensor(groups, rows, width), tensor(groups, rows, 1), image))
+    assert torch.autograd.gradcheck(image_attends, (tensor(groups, rows, width), tensor(groups, rows, 1),
+                                                    tensor(groups, rows, width), image))
 
 
 @pytest.fixture
