@@ -557,6 +557,10 @@ class _TokensAttendToImage(torch.autograd.Function):
             right = torch.cat([rows, grad_pooled], dim=1)
             if grad_next is None:
                 grad_image = torch.bmm(left, right)
+            elif grad_next.dtype == left.dtype and grad_next.is_contiguous():
+                # in place: the image's next users in the decoder (the next attention's function, the
+                # mask head) hand over a gradient tensor of their own that nothing else holds
+                grad_image = grad_next.baddbmm_(left, right)
             elif grad_next.dtype == left.dtype:
                 grad_image = torch.baddbmm(grad_next, left, right)
             else:
@@ -602,7 +606,10 @@ class _ImageAttendsToTokens(torch.autograd.Function):
         grad_offset = grad_scores.sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
         grad_input = None
         if ctx.needs_input_grad[3]:
-            if grad_image.dtype == rows.dtype:
+            if grad_image.dtype == rows.dtype and grad_image.is_contiguous():
+                # in place (after its last read above): the layer norm that follows hands over its own
+                grad_input = grad_image.baddbmm_(grad_scores.transpose(1, 2), rows)
+            elif grad_image.dtype == rows.dtype:
                 grad_input = torch.baddbmm(grad_image, grad_scores.transpose(1, 2), rows)
             else:
                 grad_input = torch.bmm(grad_scores.transpose(1, 2), rows).to(grad_image.dtype).add_(grad_image)
@@ -1016,9 +1023,9 @@ class _EfficientSamMaskHead(torch.autograd.Function):
                 grad_before = grad_before.view(-1, 4 * channels2)
                 grad_weight2 += torch.mm(activated.t(), grad_before)
                 grad_bias2 += grad_before.sum(0)
-                grad = grad_normalized[:, start:stop].view(batch, -1, channels1)  # written in place
-                torch.ops.aten.gelu_backward.grad_input(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
-                                                        normalized, grad_input=grad)
+                grad = torch.ops.aten.gelu_backward(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
+                                                    normalized)
+                grad_normalized[:, start:stop] = grad.view(batch, stop - start, -1)
                 sum_grad += grad.sum(1)
                 sum_grad_first += (grad * first_block).sum(1)
             sum_grad_first += bias * sum_grad  # first_block lacked conv1's bias
