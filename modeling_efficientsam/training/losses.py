@@ -162,33 +162,97 @@ def boundary_loss(*, logits: torch.Tensor, targets: torch.Tensor, band_width: in
     return (_pixels(ce) * band).sum(-1) / band.sum(-1).clamp_min(1.0)
 
 
-def _mask_terms(
-    *, logits: torch.Tensor, targets: torch.Tensor, band: torch.Tensor, alpha: float, gamma: float
-) -> Dict[str, torch.Tensor]:
-    """The four mask terms of :func:`segmentation_loss` for logits ``(..., H, W)`` in one pass.
+class _ChosenCandidateSums(torch.autograd.Function):
+    """The pixel sums behind the four mask terms, for every candidate, and the choice among them.
 
-    The same values as :func:`sigmoid_focal_loss`, :func:`dice_loss`, :func:`soft_iou_loss` and
-    :func:`boundary_loss` (their default ``smooth`` and a precomputed :func:`boundary_band`) for
-    binary ``targets``, with the sigmoid and the per-pixel cross-entropy computed once for all four.
-    ``targets`` and ``band`` broadcast to ``logits``. Returns ``(...)`` per term.
+    Inputs: logits ``(B, Q, M, N)`` (N pixels), binary targets and boundary band ``(B, Q, 1, N)``
+    (float 0/1), the term weights (focal, dice, iou, boundary), focal alpha and gamma. With
+    ``p = sigmoid(x)``, ``u = -x`` on foreground and ``x`` on background (so that the per-pixel
+    cross-entropy is ``softplus(u)`` and ``1 - p_t = sigmoid(u)``), the sums per candidate are
+
+    * ``focal``: sum of ``alpha_t * sigmoid(u)^gamma * softplus(u)``,
+    * ``prob``: sum of ``p``; ``overlap``: sum of ``p * t``,
+    * ``band``: sum of ``band * softplus(u)``,
+
+    from which :func:`_terms_from_sums` gives the terms. The forward computes them for all M
+    candidates in one pass (products with the targets and band as matrix-vector products, nothing
+    saved but the inputs), chooses each query's candidate with the lowest weighted loss, and returns
+    the chosen candidate's sums ``(B, Q)`` each, the choice ``(B, Q)`` (no gradient), and the share
+    of predicted-foreground pixels that is in the target, for the IoU head (no gradient). The
+    backward is written out and runs on the chosen candidates' pixels only: the other candidates
+    get exactly zero gradient, as their terms are not in the loss.
     """
-    logits = _pixels(logits.float())
-    targets = _pixels(targets.to(logits.dtype))
-    band = _pixels(band.to(logits.dtype))
+
+    @staticmethod
+    def forward(ctx, logits, targets, band, weights, alpha, gamma):
+        flip = 1.0 - 2.0 * targets  # -1 on foreground, +1 on background
+        weight_t = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) if alpha >= 0 else torch.ones_like(targets)
+        sums = _candidate_sums(logits, flip, targets, band, weight_t, gamma)
+        terms = _terms_from_sums(*sums, target_sum=targets.sum(-1), band_sum=band.sum(-1), pixels=logits.shape[-1])
+        chosen = sum(weight * term for weight, term in zip(weights, terms)).argmin(dim=-1)  # (B, Q)
+        index = chosen.unsqueeze(-1)
+        picked = [value.gather(-1, index).squeeze(-1) for value in sums]
+        with torch.no_grad():
+            predicted = (logits > 0).to(logits.dtype)
+            overlap = torch.matmul(predicted, targets.transpose(-1, -2)).squeeze(-1)  # (B, Q, M)
+            union = predicted.sum(-1) + targets.sum(-1) - overlap
+            actual_iou = torch.where(union > 0, overlap / union.clamp_min(1.0), torch.ones_like(union))
+        ctx.save_for_backward(logits, flip, targets, band, weight_t, chosen)
+        ctx.gamma = gamma
+        ctx.mark_non_differentiable(chosen, actual_iou)
+        return (*picked, chosen, actual_iou)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_focal, grad_prob, grad_overlap, grad_band, _chosen, _iou):
+        logits, flip, targets, band, weight_t, chosen = ctx.saved_tensors
+        gamma = ctx.gamma
+        index = chosen[:, :, None, None].expand(-1, -1, 1, logits.shape[-1])
+        x = logits.gather(2, index)  # (B, Q, 1, N): the chosen candidates
+        u = x * flip
+        q = torch.sigmoid(u)  # 1 - p_t
+        ce = F.softplus(u)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+
+        def per_query(grad):
+            return (grad if grad is not None else zero).reshape(*chosen.shape, 1, 1).to(x.dtype)
+
+        # d/du of the focal term: alpha_t q^gamma (gamma (1 - q) ce + q); of the band term: band q
+        focal = torch.addcmul(q, (1.0 - q) * ce, torch.full((), float(gamma), dtype=x.dtype, device=x.device))
+        grad_u = focal.mul_(q.pow(gamma)).mul_(weight_t).mul_(per_query(grad_focal))
+        grad_u.addcmul_(band * q, per_query(grad_band))
+        # d/dx of sum p and sum p t: p (1 - p) = q (1 - q), times (g_prob + g_overlap t); du/dx = flip
+        grad_x = grad_u.mul_(flip)
+        slope = q * (1.0 - q)
+        grad_x.addcmul_(slope, per_query(grad_prob) + per_query(grad_overlap) * targets)
+        grad_logits = torch.zeros_like(logits).scatter_(2, index, grad_x)
+        return grad_logits, None, None, None, None, None
+
+
+def _candidate_sums(logits, flip, targets, band, weight_t, gamma):
+    """(focal, prob, overlap, band) pixel sums ``(..., M)`` of `_ChosenCandidateSums`."""
+    u = logits * flip
+    q = torch.sigmoid(u)
+    ce = F.softplus(u)
+    focal = q.pow_(gamma).mul_(ce) if gamma != 1 else q.mul_(ce)
     prob = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="none")
-    p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
-    focal = ce * (1.0 - p_t) ** gamma
-    if alpha >= 0:
-        focal = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * focal
-    intersection = (prob * targets).sum(-1)
-    prob_sum, target_sum = prob.sum(-1), targets.sum(-1)
-    return {
-        "focal_loss": focal.mean(-1),
-        "dice_loss": 1.0 - (2.0 * intersection + 1.0) / (prob_sum + target_sum + 1.0),
-        "iou_loss": 1.0 - (intersection + 1.0) / (prob_sum + target_sum - intersection + 1.0),
-        "boundary_loss": (ce * band).sum(-1) / band.sum(-1).clamp_min(1.0),
-    }
+    column = lambda values: values.transpose(-1, -2)  # noqa: E731  (B, Q, N, 1): products as matrix-vector
+    return (
+        torch.matmul(focal, column(weight_t)).squeeze(-1),
+        prob.sum(-1),
+        torch.matmul(prob, column(targets)).squeeze(-1),
+        torch.matmul(ce, column(band)).squeeze(-1),
+    )
+
+
+def _terms_from_sums(focal, prob, overlap, band, *, target_sum, band_sum, pixels):
+    """(focal, dice, iou, boundary) terms from the pixel sums (see `_ChosenCandidateSums`); ``smooth`` 1."""
+    return (
+        focal / pixels,
+        1.0 - (2.0 * overlap + 1.0) / (prob + target_sum + 1.0),
+        1.0 - (overlap + 1.0) / (prob + target_sum - overlap + 1.0),
+        band / band_sum.clamp_min(1.0),
+    )
 
 
 def iou_head_loss(*, iou_scores: torch.Tensor, pred_masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -286,7 +350,7 @@ def segmentation_loss(
     Args:
         pred_masks: ``(B, Q, M, H, W)`` mask logits.
         iou_scores: ``(B, Q, M)`` predicted IoU.
-        labels: ``(B, Q, H, W)`` binary targets.
+        labels: ``(B, Q, H, W)`` binary targets (values above 0.5 are foreground).
         query_mask: ``(B, Q)`` bool, False for padded queries (they contribute nothing). None: all real.
         num_queries: normalizer -- the number of real queries in the global batch. None: local count.
         focal_weight, dice_weight, iou_weight, boundary_weight, iou_head_weight: term weights.
@@ -309,28 +373,27 @@ def segmentation_loss(
     if query_mask is None:
         query_mask = torch.ones((batch, queries), dtype=torch.bool, device=pred_masks.device)
 
-    targets = labels.float().unsqueeze(2)  # (B, Q, 1, H, W), broadcast over candidates
-    band = boundary_band(labels, band_width=boundary_band_width).unsqueeze(2)  # once per query
-    weights = {"focal_loss": focal_weight, "dice_loss": dice_weight, "iou_loss": iou_weight, "boundary_loss": boundary_weight}
-    # Every candidate's terms are needed only to choose one, and only the chosen candidate's terms
-    # carry gradient: the choice is made without autograd, and the terms are computed again, with
-    # autograd, on the chosen candidate's logits alone (a third of the pixels for 3 candidates).
-    with torch.no_grad():
-        every = _mask_terms(logits=pred_masks, targets=targets, band=band, alpha=focal_alpha, gamma=focal_gamma)
-        chosen = sum(weights[name] * value for name, value in every.items()).argmin(dim=-1)  # (B, Q)
-    chosen_logits = pred_masks.gather(2, chosen[:, :, None, None, None].expand(batch, queries, 1, height, width))
-    per_query = {
-        name: value.squeeze(-1)
-        for name, value in _mask_terms(logits=chosen_logits, targets=targets, band=band, alpha=focal_alpha,
-                                       gamma=focal_gamma).items()
-    }
-    combined = sum(weights[name] * value for name, value in per_query.items())  # (B, Q)
+    # Pixels flattened; targets and band once per query, broadcast over the candidates. Every
+    # candidate's terms are needed only to choose one, and only the chosen candidate's terms carry
+    # gradient: `_ChosenCandidateSums` makes the choice in its forward pass and differentiates the
+    # chosen candidate only.
+    pixels = height * width
+    targets = (labels > 0.5).to(torch.float32).reshape(batch, queries, 1, pixels)
+    band = boundary_band(labels, band_width=boundary_band_width).to(torch.float32).reshape(batch, queries, 1, pixels)
+    weights = (focal_weight, dice_weight, iou_weight, boundary_weight)
+    *sums, chosen, actual_iou = _ChosenCandidateSums.apply(
+        pred_masks.float().reshape(batch, queries, -1, pixels), targets, band, weights, focal_alpha, focal_gamma)
+    terms = _terms_from_sums(*sums, target_sum=targets.sum(-1).squeeze(-1), band_sum=band.sum(-1).squeeze(-1),
+                             pixels=pixels)
+    per_query = dict(zip(("focal_loss", "dice_loss", "iou_loss", "boundary_loss"), terms))  # (B, Q) each
+    combined = sum(weight * value for weight, value in zip(weights, terms))
 
     out: Dict[str, torch.Tensor] = {}
     for name, value in per_query.items():
         out[name] = normalize_over_queries(value, query_mask=query_mask, num_queries=num_queries)
     out["mask_loss"] = normalize_over_queries(combined, query_mask=query_mask, num_queries=num_queries)
-    head = iou_head_loss(iou_scores=iou_scores, pred_masks=pred_masks, targets=labels).mean(-1)  # (B, Q)
+    # the IoU head against the actual IoU of each binarized candidate (computed in the same pass)
+    head = ((iou_scores.float() - actual_iou) ** 2).mean(-1)  # (B, Q), as iou_head_loss
     out["iou_head_loss"] = normalize_over_queries(head, query_mask=query_mask, num_queries=num_queries)
     out["loss"] = out["mask_loss"] + iou_head_weight * out["iou_head_loss"]
     out["chosen_candidate"] = chosen
