@@ -925,16 +925,21 @@ def _pixel_convolution_weights(convolution: nn.ConvTranspose2d, dtype: torch.dty
 _QUERY_GROUP_BYTES = 24 << 20
 
 
-# Rows of the first upscaled map (C1 channels each, all queries together) that the fused mask head
-# processes per step: enough for efficient matrix products and few operator calls, few enough that
-# a block's intermediates (twice as many rows of the second map) stay in cache.
+# Rows of the first upscaled map (C1 channels each) that the fused mask head processes per step:
+# enough for efficient matrix products and few operator calls, few enough that a block's
+# intermediates (twice as many rows of the second map) stay in cache.
 _MASK_HEAD_BLOCK_ROWS = 16384
 
 
-def _pixel_blocks(batch: int, pixels: int):
-    """(start, stop) ranges of embedding pixels, each block holding about _MASK_HEAD_BLOCK_ROWS rows."""
-    step = max(1, _MASK_HEAD_BLOCK_ROWS // (4 * batch))
-    return [(start, min(start + step, pixels)) for start in range(0, pixels, step)]
+def _mask_head_blocks(batch: int, pixels: int) -> list:
+    """Blocks (n0, n1, p0, p1) of about _MASK_HEAD_BLOCK_ROWS first-map rows: whole queries n0..n1
+    when a query's 4 * pixels rows fit, else pixel ranges p0..p1 of one query. Either way a block
+    is one contiguous slice of a (N, pixels, ...) tensor."""
+    if 4 * pixels <= _MASK_HEAD_BLOCK_ROWS:
+        step = _MASK_HEAD_BLOCK_ROWS // (4 * pixels)
+        return [(n, min(n + step, batch), 0, pixels) for n in range(0, batch, step)]
+    step = max(1, _MASK_HEAD_BLOCK_ROWS // 4)
+    return [(n, n + 1, p, min(p + step, pixels)) for n in range(batch) for p in range(0, pixels, step)]
 
 
 def _normalization(gamma, beta, mean, rstd) -> tuple:
@@ -949,16 +954,16 @@ class _EfficientSamMaskHead(torch.autograd.Function):
     Computes, per query n, `hyper[n] @ gelu(conv2(gelu(groupnorm(conv1(image[n])))))^T`, the same
     function as `EfficientSamMaskDecoder.upscale` followed by the product, in plain operations. Only
     the first upscaled map (4 HW x C1 per query, needed for the group-norm statistics) is stored; the
-    second (twice as large) and both activations are computed one block of pixels at a time (all
-    queries together) and never stored: the backward pass recomputes them block by block. Most of
+    second (twice as large) and both activations are computed one block of pixels at a time (see
+    `_mask_head_blocks`) and never stored: the backward pass recomputes them block by block. Most of
     the memory traffic then stays in cache.
 
     Inputs: image (N, HW, C) in the compute dtype; weight1, weight2, bias2 from
     `_pixel_convolution_weights` in the compute dtype, and bias1, conv1's own bias (C1); gamma, beta
-    (C1) and eps of the GroupNorm;
-    hyper (N, K, C2); the embedding grid (height, width). Returns mask logits (N, K, 4h, 4w).
-    Statistics and the normalization run in float32 (float64 for float64 inputs). The first map is
-    stored without conv1's bias, which goes into the statistics and the normalization's shift (one
+    (C1) and eps of the GroupNorm; hyper (N, K, C2); the embedding grid (height, width). Returns
+    mask logits (N, K, 4h, 4w). Statistics and the normalization run in float32 (float64 for
+    float64 inputs). The first map is stored without conv1's bias, which goes into the statistics
+    and the normalization's shift, and in the backward into the products' constant terms (one
     image-sized pass fewer each way).
     """
 
@@ -968,7 +973,6 @@ class _EfficientSamMaskHead(torch.autograd.Function):
         channels1, channels2 = gamma.numel(), hyper.shape[-1]
         dtype = image.dtype
         stat = torch.float64 if dtype == torch.float64 else torch.float32
-        blocks = _pixel_blocks(batch, pixels)
         with torch.autocast(image.device.type, enabled=False):
             first = torch.mm(image.reshape(-1, channels), weight1).view(batch, pixels, 4 * channels1)  # + bias1
             # GroupNorm statistics of first + bias1 in two passes (mean, then the centred sum of
@@ -983,11 +987,11 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             shift = torch.addcmul(shift, bias, scale)
             logits = torch.empty(batch, 16 * pixels, hyper.shape[1], dtype=dtype, device=image.device)
             hyper_t = hyper.transpose(1, 2)
-            for start, stop in blocks:
-                normalized = torch.addcmul(shift, first[:, start:stop].reshape(batch, -1, channels1), scale)
-                activated = F.gelu(normalized).to(dtype).view(-1, channels1)
-                second = F.gelu(torch.addmm(bias2, activated, weight2)).view(batch, -1, channels2)
-                logits[:, 16 * start : 16 * stop] = torch.bmm(second, hyper_t)
+            for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels):
+                rows = first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
+                activated = F.gelu(torch.addcmul(shift[n0:n1], rows, scale[n0:n1])).to(dtype).view(-1, channels1)
+                second = F.gelu(torch.addmm(bias2, activated, weight2)).view(n1 - n0, -1, channels2)
+                torch.bmm(second, hyper_t[n0:n1], out=logits[n0:n1, 16 * p0 : 16 * p1])
         ctx.save_for_backward(image, first, mean, rstd, weight1, bias1, gamma, beta, weight2, bias2, hyper)
         ctx.grid = (height, width)
         return _sub_pixel_to_raster(logits, height, width)
@@ -999,7 +1003,6 @@ class _EfficientSamMaskHead(torch.autograd.Function):
         dtype, stat, device = image.dtype, mean.dtype, image.device
         batch, pixels, channels = image.shape
         channels1, channels2 = gamma.numel(), hyper.shape[-1]
-        blocks = _pixel_blocks(batch, pixels)
         with torch.autocast(device.type, enabled=False):
             grad_logits = _raster_to_sub_pixel(grad_logits.to(dtype), *ctx.grid)
             bias = bias1.to(stat)
@@ -1008,46 +1011,52 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             grad_hyper = torch.zeros(hyper.shape, dtype=stat, device=device)
             grad_weight2 = torch.zeros(weight2.shape, dtype=stat, device=device)
             grad_bias2 = torch.zeros(bias2.shape, dtype=stat, device=device)
-            # gradient at the GroupNorm output (after its affine), and its sums per query and channel
-            grad_normalized = torch.empty(first.shape, dtype=stat, device=device)
+            # g = dL/dy * gamma * rstd at the GroupNorm output (y after its affine), written block by
+            # block, and the sums per query and channel of dL/dy and dL/dy * first
+            grad_first = torch.empty(first.shape, dtype=stat, device=device)
             sum_grad = torch.zeros(batch, channels1, dtype=stat, device=device)
             sum_grad_first = torch.zeros(batch, channels1, dtype=stat, device=device)
-            for start, stop in blocks:
-                first_block = first[:, start:stop].reshape(batch, -1, channels1)
-                normalized = torch.addcmul(shift, first_block, scale)
+            for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels):
+                first_block = first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
+                normalized = torch.addcmul(shift[n0:n1], first_block, scale[n0:n1])
                 activated = F.gelu(normalized).to(dtype).view(-1, channels1)
-                before = torch.addmm(bias2, activated, weight2).view(batch, -1, channels2)
-                block_grad = grad_logits[:, 16 * start : 16 * stop]
-                grad_hyper += torch.bmm(block_grad.transpose(1, 2), F.gelu(before))
-                grad_before = torch.ops.aten.gelu_backward(torch.bmm(block_grad, hyper), before)
+                before = torch.addmm(bias2, activated, weight2).view(n1 - n0, -1, channels2)
+                block_grad = grad_logits[n0:n1, 16 * p0 : 16 * p1]
+                grad_hyper[n0:n1] += torch.bmm(block_grad.transpose(1, 2), F.gelu(before))
+                grad_before = torch.ops.aten.gelu_backward(torch.bmm(block_grad, hyper[n0:n1]), before)
                 grad_before = grad_before.view(-1, 4 * channels2)
                 grad_weight2 += torch.mm(activated.t(), grad_before)
                 grad_bias2 += grad_before.sum(0)
-                grad = torch.ops.aten.gelu_backward(torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized),
-                                                    normalized)
-                grad_normalized[:, start:stop] = grad.view(batch, stop - start, -1)
-                sum_grad += grad.sum(1)
-                sum_grad_first += (grad * first_block).sum(1)
+                grad = grad_first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
+                torch.ops.aten.gelu_backward.grad_input(
+                    torch.mm(grad_before, weight2.t()).to(stat).view_as(normalized), normalized, grad_input=grad)
+                sum_grad[n0:n1] += grad.sum(1)
+                sum_grad_first[n0:n1] += (grad * first_block).sum(1)
+                grad.mul_(scale[n0:n1])
             sum_grad_first += bias * sum_grad  # first_block lacked conv1's bias
             # GroupNorm backward (one group): with x_hat = (x - mean) rstd and g = dL/dy * gamma,
             # dL/dx = rstd (g - mean(g) - x_hat mean(g x_hat)), means over all elements of a query;
-            # x = first + bias.
+            # x = first + bias. The terms that do not depend on the pixel (per query and channel)
+            # are left out of grad_first and added to the products below.
             count = first[0].numel()
             gamma_ = gamma.to(stat)
             grad_gamma = rstd[:, None] * (sum_grad_first - mean[:, None] * sum_grad)  # per query
             mean_g = (sum_grad * gamma_).sum(1) / count
             mean_g_x_hat = (grad_gamma * gamma_).sum(1) / count
-            coefficient = (rstd[:, None] * gamma_).repeat(1, 4)[:, None]  # (N, 1, 4 C1), like a pixel row
             first_coefficient = (-rstd * rstd * mean_g_x_hat)[:, None, None]
             constant = (-rstd * mean_g + mean * rstd * rstd * mean_g_x_hat)[:, None, None]
             constant = torch.addcmul(constant, bias.repeat(4), first_coefficient)  # (N, 1, 4 C1): for first + bias
-            grad_first = torch.addcmul(constant, first.to(stat), first_coefficient)
-            grad_first = grad_first.addcmul_(grad_normalized, coefficient).to(dtype).view(-1, 4 * channels1)
+            grad_first = grad_first.addcmul_(first.to(stat), first_coefficient).to(dtype)  # (N, P, 4 C1)
+            constant = constant.to(dtype)
             grad_image = None
             if ctx.needs_input_grad[0]:
-                grad_image = torch.mm(grad_first, weight1.t()).view(image.shape)
+                # + the constant row of each query, through conv1's weight
+                grad_image = torch.baddbmm(torch.matmul(constant, weight1.t()), grad_first,
+                                           weight1.t().expand(batch, -1, -1))
+            grad_first = grad_first.view(-1, 4 * channels1)
             grad_weight1 = torch.mm(image.reshape(-1, channels).t(), grad_first)
-            grad_bias1 = grad_first.view(-1, channels1).sum(0)
+            grad_weight1 += image.sum(1).transpose(0, 1) @ constant.squeeze(1)  # sum_n (column sums)^T constant_n
+            grad_bias1 = grad_first.view(-1, channels1).sum(0) + pixels * constant.view(batch, 4, channels1).sum((0, 1))
         return (
             grad_image, grad_weight1.to(weight1.dtype), grad_bias1.to(weight1.dtype),
             grad_gamma.sum(0).to(gamma.dtype), sum_grad.sum(0).to(beta.dtype), None,

@@ -219,21 +219,23 @@ def test_decoder_float32_error_is_float32_rounding():
         assert_gradients_close({k: v.double() for k, v in grads.items()}, truth_grads, 1e-4)
 
 
-def test_fused_mask_head_over_many_blocks_equals_the_plain_path(monkeypatch):
-    """Blocks of one pixel (with the last block shorter when the split is uneven) give the same
-    masks and gradients as the plain operations."""
-    monkeypatch.setattr(modeling, "_MASK_HEAD_BLOCK_ROWS", 20)  # 20 // (4 * 6 queries) -> 1 pixel per block
+@pytest.mark.parametrize("rows, blocks", [(4, 96), (12, 36), (128, 3), (256, 2)])
+def test_fused_mask_head_in_blocks_equals_the_plain_path(monkeypatch, rows, blocks):
+    """Blocks of single pixels, of pixel ranges (the last one shorter), of whole queries (2 each) and
+    of uneven query groups (4 + 2) give the same masks and gradients as one block and as the plain
+    operations (6 queries of 16 pixels, 64 first-map rows each)."""
     model, _ = decoder_pair()
     inputs = decoder_inputs(model)
     upstream = upstream_gradients()
-    assert len(modeling._pixel_blocks(6, 16)) == 16
-    fused, fused_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
-    monkeypatch.setattr(modeling, "_MASK_HEAD_BLOCK_ROWS", 4 * 6 * 3)  # 3 pixels per block: 16 = 5 * 3 + 1
-    uneven, uneven_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
+    whole, whole_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
+    assert len(modeling._mask_head_blocks(6, 16)) == 1
+    monkeypatch.setattr(modeling, "_MASK_HEAD_BLOCK_ROWS", rows)
+    assert len(modeling._mask_head_blocks(6, 16)) == blocks
+    blocked, blocked_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
     plain_masks, _ = model.mask_decoder.predict_masks(*fused_inputs(model, inputs), return_upscaled=True)
-    for result, grads in ((fused, fused_grads), (uneven, uneven_grads)):
+    for result in (whole, blocked):
         torch.testing.assert_close(result["masks"], plain_masks.reshape(result["masks"].shape), rtol=1e-10, atol=1e-12)
-        assert_gradients_close(grads, fused_grads, 1e-10)
+    assert_gradients_close(blocked_grads, whole_grads, 1e-10)
 
 
 @pytest.mark.parametrize("attentions, hidden", [(False, False), (True, True)])
