@@ -15,6 +15,10 @@ record of :mod:`benchmark_utils`: model, ATen capability, native bf16, threads, 
   under ``torch.compile``. FLOPs per step are counted with ``torch.utils.flop_counter`` for both
   decoders; with the float32 peak of a large matrix product measured in the same run they give the
   fraction of the machine's peak reached (counting the reference's arithmetic, and the executed one).
+* ``conditions``: the reference and current float32 steps of ``decoder_train`` again, in two
+  subprocesses: one emulating an AVX2-only CPU (as ``precision`` does), one with glibc's allocator
+  keeping freed memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). Every decoder_train
+  row also records the fresh memory a step touches (minor page faults x 4 KiB).
 * ``encoder``: encoder images/s and decoder inference queries/s, eager vs sdpa, fp32 vs bf16 autocast,
   for ``--variants`` at 1024 (batch 1, ``--queries`` boxes), with the largest embedding difference vs
   eager fp32.
@@ -106,6 +110,18 @@ def training_step(model, batch: dict, dtype=None):
     return loss.detach()
 
 
+def fresh_pages_per_step(step) -> int:
+    """Minor page faults of one call of `step` (after a warm-up call): memory the allocator had to
+    take fresh from the kernel, 4 KiB each. glibc returns large freed blocks to the kernel, so a step
+    that frees and allocates large tensors pays for touching new pages every time."""
+    import resource
+
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def step_flops(model, batch: dict) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -163,6 +179,7 @@ def bench_decoder_train(args) -> dict:
             "fraction_of_fp32_peak": round(flops["reference"] / seconds / 1e9 / peak["float32_gflops"], 3),
             "computes_in": str(autocast_dtype("cpu", torch.bfloat16)).replace("torch.", "") if "bf16" in name else "float32",
             "quiet_runs": sum(run["other_cores"] <= 0.15 for run in timing["runs"]),
+            "fresh_mib_per_step": round(fresh_pages_per_step(variants[name]) * 4 / 1024, 1),
             "runs": timing["runs"],
         }
         print(f"  {name:<24} {rows[name]['queries_per_s']:7.2f} q/s (median {rows[name]['queries_per_s_median']:.2f}), "
@@ -304,7 +321,52 @@ def bench_precision(args) -> dict:
     return results
 
 
-SECTIONS = {"decoder_train": bench_decoder_train, "encoder": bench_encoder, "precision": bench_precision}
+# glibc's allocator told to keep freed memory (no return of large blocks to the kernel)
+ALLOCATOR_KEEPS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+
+
+def ratio_measurements(args) -> dict:
+    """The reference and current float32 decoder training steps, interleaved (worker of `conditions`)."""
+    model, reference = decoder_models()
+    batch = decoder_batch(model.config, args.images, args.queries)
+    queries = args.images * args.queries
+    variants = {"reference_fp32": lambda: training_step(reference, batch), "current_fp32": lambda: training_step(model, batch)}
+    timings = interleaved(variants, rounds=args.rounds)
+    rows = {name: {"queries_per_s": round(queries / timing["best"], 3),
+                   "queries_per_s_median": round(queries / timing["median"], 3),
+                   "fresh_mib_per_step": round(fresh_pages_per_step(variants[name]) * 4 / 1024, 1),
+                   "runs": timing["runs"]} for name, timing in timings.items()}
+    reference, current = timings["reference_fp32"], timings["current_fp32"]
+    return {"machine": machine_record(), "variants": rows,
+            "speedup_vs_reference_fp32": round(reference["best"] / current["best"], 2),
+            "speedup_vs_reference_fp32_median": round(reference["median"] / current["median"], 2)}
+
+
+def bench_conditions(args) -> dict:
+    """The float32 speed-up of decoder_train under other conditions, each in a subprocess: a CPU with
+    AVX2 only (emulated, see `precision`), and glibc's allocator keeping freed memory (the reference
+    decoder frees and allocates far more large tensors per step, so it gains the most)."""
+    results = {}
+    for name, environment in (("emulated_avx2", EMULATED_AVX2), ("allocator_keeps_memory", ALLOCATOR_KEEPS_MEMORY)):
+        env = dict(os.environ, **environment)
+        command = [sys.executable, os.path.abspath(__file__), "--worker", "ratio", "--images", str(args.images),
+                   "--queries", str(args.queries), "--rounds", str(args.rounds)]
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        if process.returncode != 0 or not lines:
+            raise SystemExit(f"the {name} worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+        results[name]["environment"] = environment
+        row = results[name]
+        print(f"  {name:<24} current fp32 x{row['speedup_vs_reference_fp32']:.2f} vs reference fp32 "
+              f"(median x{row['speedup_vs_reference_fp32_median']:.2f}); fresh memory per step: reference "
+              f"{row['variants']['reference_fp32']['fresh_mib_per_step']} MiB, current "
+              f"{row['variants']['current_fp32']['fresh_mib_per_step']} MiB", flush=True)
+    return results
+
+
+SECTIONS = {"decoder_train": bench_decoder_train, "conditions": bench_conditions, "encoder": bench_encoder,
+            "precision": bench_precision}
 
 
 def main(argv=None) -> int:
@@ -325,6 +387,9 @@ def main(argv=None) -> int:
     WATCH.patience = args.patience
     if args.worker == "precision":
         print("RESULT " + json.dumps(precision_measurements(args)), flush=True)
+        return 0
+    if args.worker == "ratio":
+        print("RESULT " + json.dumps(ratio_measurements(args)), flush=True)
         return 0
 
     stored = json.loads(args.output.read_text()) if args.output.exists() else {}

@@ -1174,7 +1174,9 @@ class EfficientSamMaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         token_bias = None
-        if not output_attentions:  # the attention maps are returned for every prompt token
+        # not when attention maps are returned (they cover every prompt token), nor under tracers (the
+        # merged layout depends on the values of the prompts, a traced graph would fix it)
+        if not output_attentions and not _tracing():
             prompt_embeddings, log_multiplicity = _merge_repeated_prompt_tokens(prompt_embeddings)
             if log_multiplicity is not None:
                 token_bias = F.pad(log_multiplicity, (output_tokens.shape[2], 0))  # output tokens: once each
