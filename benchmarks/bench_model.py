@@ -343,25 +343,28 @@ def ratio_measurements(args) -> dict:
 
 
 def bench_conditions(args) -> dict:
-    """The float32 speed-up of decoder_train under other conditions, each in a subprocess: a CPU with
-    AVX2 only (emulated, see `precision`), and glibc's allocator keeping freed memory (the reference
-    decoder frees and allocates far more large tensors per step, so it gains the most)."""
+    """The float32 speed-up of decoder_train under other conditions, each in a subprocess, run
+    `--condition_runs` times (the ratio moves between runs): a CPU with AVX2 only (emulated, see
+    `precision`), and glibc's allocator keeping freed memory (the reference decoder frees and
+    allocates far more large tensors per step, so it gains the most)."""
     results = {}
     for name, environment in (("emulated_avx2", EMULATED_AVX2), ("allocator_keeps_memory", ALLOCATOR_KEEPS_MEMORY)):
-        env = dict(os.environ, **environment)
-        command = [sys.executable, os.path.abspath(__file__), "--worker", "ratio", "--images", str(args.images),
-                   "--queries", str(args.queries), "--rounds", str(args.rounds)]
-        process = subprocess.run(command, capture_output=True, text=True, env=env)
-        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-        if process.returncode != 0 or not lines:
-            raise SystemExit(f"the {name} worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
-        results[name] = json.loads(lines[-1][len("RESULT "):])
-        results[name]["environment"] = environment
-        row = results[name]
-        print(f"  {name:<24} current fp32 x{row['speedup_vs_reference_fp32']:.2f} vs reference fp32 "
-              f"(median x{row['speedup_vs_reference_fp32_median']:.2f}); fresh memory per step: reference "
-              f"{row['variants']['reference_fp32']['fresh_mib_per_step']} MiB, current "
-              f"{row['variants']['current_fp32']['fresh_mib_per_step']} MiB", flush=True)
+        runs = []
+        for _ in range(args.condition_runs):
+            env = dict(os.environ, **environment)
+            command = [sys.executable, os.path.abspath(__file__), "--worker", "ratio", "--images", str(args.images),
+                       "--queries", str(args.queries), "--rounds", str(args.rounds)]
+            process = subprocess.run(command, capture_output=True, text=True, env=env)
+            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+            if process.returncode != 0 or not lines:
+                raise SystemExit(f"the {name} worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
+            row = json.loads(lines[-1][len("RESULT "):])
+            runs.append(row)
+            print(f"  {name:<24} current fp32 x{row['speedup_vs_reference_fp32']:.2f} vs reference fp32 "
+                  f"(median x{row['speedup_vs_reference_fp32_median']:.2f}); fresh memory per step: reference "
+                  f"{row['variants']['reference_fp32']['fresh_mib_per_step']} MiB, current "
+                  f"{row['variants']['current_fp32']['fresh_mib_per_step']} MiB", flush=True)
+        results[name] = {"environment": environment, "runs": runs}
     return results
 
 
@@ -378,6 +381,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=8, help="box queries per image")
     parser.add_argument("--rounds", type=int, default=5, help="decoder_train: timed rounds over the variants")
     parser.add_argument("--precision_rounds", type=int, default=2, help="precision: timed rounds over the variants")
+    parser.add_argument("--condition_runs", type=int, default=2, help="conditions: subprocess runs per condition")
     parser.add_argument("--no_compile", dest="compile", action="store_false", help="decoder_train: skip torch.compile")
     parser.add_argument("--patience", type=float, default=300.0,
                         help="seconds this run may wait in all for other processes to go quiet before a round")
