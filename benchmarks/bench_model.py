@@ -301,18 +301,23 @@ def precision_measurements(args) -> dict:
             "variants": rows}
 
 
-def bench_precision(args) -> dict:
-    """This CPU as it is (in this process) and emulated without native bf16 (in a subprocess)."""
-    results = {"this_cpu": precision_measurements(args)}
-    env = dict(os.environ, **EMULATED_AVX2)
+def run_worker(worker: str, environment: dict, args, *options: str) -> dict:
+    """This script as `--worker worker` in a subprocess with `environment` added; returns its RESULT."""
+    env = dict(os.environ, **environment)
     env.pop(CPU_NATIVE_HALF_PRECISION_ENV, None)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "precision", "--images", str(args.images),
-               "--queries", str(args.queries), "--precision_rounds", str(args.precision_rounds)]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--images", str(args.images),
+               "--queries", str(args.queries), *options]
     process = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
-        raise SystemExit(f"the emulated-AVX2 worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
-    results["emulated_avx2"] = json.loads(lines[-1][len("RESULT "):])
+        raise SystemExit(f"the {worker} worker ({environment}) failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def bench_precision(args) -> dict:
+    """This CPU as it is (in this process) and emulated without native bf16 (in a subprocess)."""
+    results = {"this_cpu": precision_measurements(args)}
+    results["emulated_avx2"] = run_worker("precision", EMULATED_AVX2, args, "--precision_rounds", str(args.precision_rounds))
     results["emulated_avx2"]["environment"] = EMULATED_AVX2
     for where, result in results.items():
         for name, row in result["variants"].items():
@@ -351,14 +356,7 @@ def bench_conditions(args) -> dict:
     for name, environment in (("emulated_avx2", EMULATED_AVX2), ("allocator_keeps_memory", ALLOCATOR_KEEPS_MEMORY)):
         runs = []
         for _ in range(args.condition_runs):
-            env = dict(os.environ, **environment)
-            command = [sys.executable, os.path.abspath(__file__), "--worker", "ratio", "--images", str(args.images),
-                       "--queries", str(args.queries), "--rounds", str(args.rounds)]
-            process = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-            if process.returncode != 0 or not lines:
-                raise SystemExit(f"the {name} worker failed:\n{process.stdout[-2000:]}\n{process.stderr[-4000:]}")
-            row = json.loads(lines[-1][len("RESULT "):])
+            row = run_worker("ratio", environment, args, "--rounds", str(args.rounds))
             runs.append(row)
             print(f"  {name:<24} current fp32 x{row['speedup_vs_reference_fp32']:.2f} vs reference fp32 "
                   f"(median x{row['speedup_vs_reference_fp32_median']:.2f}); fresh memory per step: reference "
