@@ -942,6 +942,11 @@ def _mask_head_blocks(batch: int, pixels: int) -> list:
     return [(n, n + 1, p, min(p + step, pixels)) for n in range(batch) for p in range(0, pixels, step)]
 
 
+def _gelu_(tensor: torch.Tensor) -> torch.Tensor:
+    """Exact GELU in place (returns the tensor)."""
+    return torch.ops.aten.gelu_(tensor)
+
+
 def _normalization(gamma, beta, mean, rstd) -> tuple:
     """GroupNorm (one group) and its affine as per-query, per-channel scale and shift, (N, 1, C1) each."""
     scale = gamma.to(mean.dtype) * rstd[:, None, None]
@@ -989,8 +994,9 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             hyper_t = hyper.transpose(1, 2)
             for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels):
                 rows = first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
-                activated = F.gelu(torch.addcmul(shift[n0:n1], rows, scale[n0:n1])).to(dtype).view(-1, channels1)
-                second = F.gelu(torch.addmm(bias2, activated, weight2)).view(n1 - n0, -1, channels2)
+                # GELUs in place: a block's temporaries are large, fresh ones cost more than the arithmetic
+                activated = _gelu_(torch.addcmul(shift[n0:n1], rows, scale[n0:n1])).to(dtype).view(-1, channels1)
+                second = _gelu_(torch.addmm(bias2, activated, weight2)).view(n1 - n0, -1, channels2)
                 torch.bmm(second, hyper_t[n0:n1], out=logits[n0:n1, 16 * p0 : 16 * p1])
         ctx.save_for_backward(image, first, mean, rstd, weight1, bias1, gamma, beta, weight2, bias2, hyper)
         ctx.grid = (height, width)
@@ -1022,8 +1028,9 @@ class _EfficientSamMaskHead(torch.autograd.Function):
                 activated = F.gelu(normalized).to(dtype).view(-1, channels1)
                 before = torch.addmm(bias2, activated, weight2).view(n1 - n0, -1, channels2)
                 block_grad = grad_logits[n0:n1, 16 * p0 : 16 * p1]
-                grad_hyper[n0:n1] += torch.bmm(block_grad.transpose(1, 2), F.gelu(before))
-                grad_before = torch.ops.aten.gelu_backward(torch.bmm(block_grad, hyper[n0:n1]), before)
+                grad_before = torch.bmm(block_grad, hyper[n0:n1])
+                torch.ops.aten.gelu_backward.grad_input(grad_before, before, grad_input=grad_before)  # in place
+                grad_hyper[n0:n1] += torch.bmm(block_grad.transpose(1, 2), _gelu_(before))  # before is not needed after
                 grad_before = grad_before.view(-1, 4 * channels2)
                 grad_weight2 += torch.mm(activated.t(), grad_before)
                 grad_bias2 += grad_before.sum(0)
