@@ -333,12 +333,20 @@ def test_padded_queries_cannot_change_real_ones(small_model):
         alone = small_model(image_embeddings=embeddings, input_boxes=boxes)
         with_padding = small_model(image_embeddings=embeddings, input_boxes=padded)
     assert with_padding.pred_masks.shape[1] == 5
-    torch.testing.assert_close(with_padding.pred_masks[:, :2], alone.pred_masks, rtol=0, atol=1e-6)
-    torch.testing.assert_close(with_padding.iou_scores[:, :2], alone.iou_scores, rtol=0, atol=1e-6)
+    # equal up to float32 rounding, which may differ with the batch's composition (matrix-product
+    # kernels are chosen by shape; observed up to 1.4e-6 of the largest logit with 1 thread on AVX2):
+    # leaking padding would change the outputs by a large fraction of their scale
+    def assert_same(got, expected):
+        scale = expected.abs().max().item()
+        assert scale > 0.01
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * scale)
+
+    assert_same(with_padding.pred_masks[:, :2], alone.pred_masks)
+    assert_same(with_padding.iou_scores[:, :2], alone.iou_scores)
     # a query's output depends only on its own prompts, also when real queries are reordered
     with torch.no_grad():
         swapped = small_model(image_embeddings=embeddings, input_boxes=boxes.flip(1))
-    torch.testing.assert_close(swapped.pred_masks.flip(1), alone.pred_masks, rtol=0, atol=1e-6)
+    assert_same(swapped.pred_masks.flip(1), alone.pred_masks)
 
 
 def test_sdpa_and_eager_agree(small_model):
