@@ -345,7 +345,9 @@ def segmentation_loss(
     the candidate with the lowest value is chosen (an ``argmin`` taken without gradient) and only its
     terms train the mask. The IoU head is trained on all candidates (mean squared error over the M
     candidates of a query). Each term is then summed over the real queries and divided by
-    ``num_queries`` (see the module docstring).
+    ``num_queries`` (see the module docstring). The terms are those of :func:`sigmoid_focal_loss`,
+    :func:`dice_loss`, :func:`soft_iou_loss`, :func:`boundary_loss` and :func:`iou_head_loss`,
+    computed in one pass by ``_ChosenCandidateSums``, which differentiates the chosen candidate only.
 
     Args:
         pred_masks: ``(B, Q, M, H, W)`` mask logits.
