@@ -778,6 +778,13 @@ def _fused_image_attention(image_pe: torch.Tensor, return_weights: bool) -> bool
     return not return_weights and not _tracing() and not image_pe.requires_grad
 
 
+def _image_keys(image: torch.Tensor, image_pe: torch.Tensor, fused: bool) -> torch.Tensor:
+    """`image + image_pe`, the keys of the attentions on the image; without autograd for the fused
+    functions, which give the image the keys' gradient themselves."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+        return image + image_pe
+
+
 class EfficientSamTwoWayLayer(nn.Module):
     def __init__(self, config: EfficientSamMaskDecoderConfig, add_token_pe: bool):
         super().__init__()
@@ -833,8 +840,7 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
-                image_keys = image + image_pe  # without autograd when fused: the fused functions route its gradient
+            image_keys = _image_keys(image, image_pe, fused)
             attended, weights, image = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
@@ -879,8 +885,7 @@ class EfficientSamTwoWayTransformer(nn.Module):
         if num_output_tokens is not None and not return_weights:
             tokens, token_pe = tokens[:, :, :num_output_tokens], token_pe[:, :, :num_output_tokens]
         fused = _fused_image_attention(image_pe, return_weights)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
-            image_keys = image + image_pe
+        image_keys = _image_keys(image, image_pe, fused)
         attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys,
                                                                                         image, fused)
         all_weights.append(weights)

@@ -192,11 +192,10 @@ class _ChosenCandidateSums(torch.autograd.Function):
         chosen = sum(weight * term for weight, term in zip(weights, terms)).argmin(dim=-1)  # (B, Q)
         index = chosen.unsqueeze(-1)
         picked = [value.gather(-1, index).squeeze(-1) for value in sums]
-        with torch.no_grad():
-            predicted = (logits > 0).to(logits.dtype)
-            overlap = torch.matmul(predicted, targets.transpose(-1, -2)).squeeze(-1)  # (B, Q, M)
-            union = predicted.sum(-1) + targets.sum(-1) - overlap
-            actual_iou = torch.where(union > 0, overlap / union.clamp_min(1.0), torch.ones_like(union))
+        predicted = (logits > 0).to(logits.dtype)  # (a forward pass runs without autograd)
+        overlap = torch.matmul(predicted, targets.transpose(-1, -2)).squeeze(-1)  # (B, Q, M)
+        union = predicted.sum(-1) + targets.sum(-1) - overlap
+        actual_iou = torch.where(union > 0, overlap / union.clamp_min(1.0), torch.ones_like(union))
         ctx.save_for_backward(logits, flip, targets, band, weight_t, chosen)
         ctx.gamma = gamma
         ctx.mark_non_differentiable(chosen, actual_iou)
@@ -218,7 +217,7 @@ class _ChosenCandidateSums(torch.autograd.Function):
             return (grad if grad is not None else zero).reshape(*chosen.shape, 1, 1).to(x.dtype)
 
         # d/du of the focal term: alpha_t q^gamma (gamma (1 - q) ce + q); of the band term: band q
-        focal = torch.addcmul(q, (1.0 - q) * ce, torch.full((), float(gamma), dtype=x.dtype, device=x.device))
+        focal = torch.add(q, (1.0 - q).mul_(ce), alpha=gamma)
         grad_u = focal.mul_(q.pow(gamma)).mul_(weight_t).mul_(per_query(grad_focal))
         grad_u.addcmul_(band * q, per_query(grad_band))
         # d/dx of sum p and sum p t: p (1 - p) = q (1 - q), times (g_prob + g_overlap t); du/dx = flip
@@ -234,15 +233,13 @@ def _candidate_sums(logits, flip, targets, band, weight_t, gamma):
     u = logits * flip
     q = torch.sigmoid(u)
     ce = F.softplus(u)
-    focal = q.pow_(gamma).mul_(ce) if gamma != 1 else q.mul_(ce)
+    focal = q.pow_(gamma).mul_(ce)
     prob = torch.sigmoid(logits)
-    column = lambda values: values.transpose(-1, -2)  # noqa: E731  (B, Q, N, 1): products as matrix-vector
-    return (
-        torch.matmul(focal, column(weight_t)).squeeze(-1),
-        prob.sum(-1),
-        torch.matmul(prob, column(targets)).squeeze(-1),
-        torch.matmul(ce, column(band)).squeeze(-1),
-    )
+
+    def pixel_sum(values, weights):  # sum over pixels of values * weights, as a matrix-vector product
+        return torch.matmul(values, weights.transpose(-1, -2)).squeeze(-1)
+
+    return pixel_sum(focal, weight_t), prob.sum(-1), pixel_sum(prob, targets), pixel_sum(ce, band)
 
 
 def _terms_from_sums(focal, prob, overlap, band, *, target_sum, band_sum, pixels):
