@@ -864,15 +864,16 @@ class EfficientSamTwoWayTransformer(nn.Module):
         """The first layer's per-image work (see `EfficientSamTwoWayLayer.shared_image_inputs`), or None."""
         return self.layers[0].shared_image_inputs(image, image_pe) if len(self.layers) else None
 
-    def forward(self, tokens, image, image_pe, return_weights: bool = False, num_output_tokens: Optional[int] = None,
+    def forward(self, tokens, image, image_pe, return_weights: bool = False, output_tokens: Optional[list] = None,
                 token_bias=None, shared_inputs: Optional[tuple] = None):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
         see `EfficientSamTwoWayLayer`; shared_inputs: `shared_image_inputs(image, image_pe)` if made.
 
         Returns tokens, the image stream (B, Q, HW, C) and the attention probabilities (with
-        `return_weights`). Only the first `num_output_tokens` tokens go through the final attention
-        and are returned (all T when None or with `return_weights`): the decoder reads only its
-        output tokens from there on, and each token's row of that attention is independent.
+        `return_weights`). Only the tokens at the positions `output_tokens` go through the final
+        attention and are returned, in that order (all T when None or with `return_weights`): the
+        decoder reads only the output tokens it needs from there on, and each token's row of that
+        attention is independent.
         """
         token_pe = tokens
         all_weights = []
@@ -882,8 +883,12 @@ class EfficientSamTwoWayTransformer(nn.Module):
             all_weights.append(weights)
         if image.dim() == 3:  # no two-way layer: the image stream is still shared
             image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
-        if num_output_tokens is not None and not return_weights:
-            tokens, token_pe = tokens[:, :, :num_output_tokens], token_pe[:, :, :num_output_tokens]
+        if output_tokens is not None and not return_weights:
+            if list(output_tokens) == list(range(output_tokens[0], output_tokens[-1] + 1)):
+                kept = slice(output_tokens[0], output_tokens[-1] + 1)
+            else:
+                kept = torch.tensor(output_tokens, device=tokens.device)
+            tokens, token_pe = tokens[:, :, kept], token_pe[:, :, kept]
         fused = _fused_image_attention(image_pe, return_weights)
         image_keys = _image_keys(image, image_pe, fused)
         attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys,
@@ -1145,7 +1150,7 @@ class EfficientSamMaskDecoder(nn.Module):
         """image_embeddings (B, C, h, w), image_pe (1, C, h, w), prompt_embeddings (B, Q, P, C).
 
         Returns masks (B, Q, M, 4h, 4w), IoU predictions (B, Q, M), the attention probabilities (with
-        `output_attentions`), the output tokens (B, Q, 5, C) and, with `output_hidden_states`, the
+        `output_attentions`), with `output_hidden_states` the output tokens (B, Q, 5, C) and the
         upscaled embeddings (B, Q, C', 4h, 4w) (else None).
 
         Queries are decoded in groups whose per-query image-sized tensors stay below
@@ -1195,15 +1200,22 @@ class EfficientSamMaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens, prompt_embeddings], dim=2)
 
         num_outputs = 1 + self.num_mask_tokens
-        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, num_outputs, token_bias,
+        # Only the candidates that are returned are computed: mask tokens 1..3 (multimask) or token 0.
+        # The final attention runs for them and the IoU token only, unless every output token is
+        # returned (`output_hidden_states`).
+        selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        kept = list(range(num_outputs)) if output_hidden_states else [0] + [1 + index for index in selected]
+        tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, kept, token_bias,
                                                      shared)
 
         iou_token_out = tokens[:, :, 0]
-        mask_tokens_out = tokens[:, :, 1 : 1 + self.num_mask_tokens]
-        # Only the candidates that are returned are computed: tokens 1..3 (multimask) or token 0.
-        selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        if output_hidden_states or output_attentions:  # every token came back, in order
+            mask_tokens_out = tokens[:, :, [1 + index for index in selected]]
+        else:
+            mask_tokens_out = tokens[:, :, 1:]
         hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, index]) for index in selected], dim=2
+            [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, position]) for position, index in enumerate(selected)],
+            dim=2,
         )  # (B, Q, candidates, channels)
         masks, upscaled = self.predict_masks(
             image.reshape(batch * queries, -1, image.shape[-1]), hyper_in.reshape(batch * queries, len(selected), -1),
@@ -1213,7 +1225,7 @@ class EfficientSamMaskDecoder(nn.Module):
         if upscaled is not None:
             upscaled = upscaled.reshape(batch, queries, -1, 4 * height, 4 * width)
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :, selected.start : selected.stop]
-        return masks, iou_pred, attentions, tokens[:, :, :num_outputs], upscaled
+        return masks, iou_pred, attentions, (tokens[:, :, :num_outputs] if output_hidden_states else None), upscaled
 
 
 # ----------------------------------------------------------------------------------------------

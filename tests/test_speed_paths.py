@@ -149,11 +149,10 @@ def run_decoder(decoder, embeddings, image_pe, prompts, multimask, attentions, h
     prompts = prompts.clone().requires_grad_(True)
     masks, iou, weights, tokens, upscaled = decoder(embeddings, image_pe, prompts, multimask, attentions, hidden)
     loss = (masks * upstream["masks"][:, :, : masks.shape[2]]).sum() + (iou * upstream["iou"][..., : iou.shape[-1]]).sum()
-    loss = loss + (tokens * upstream["tokens"]).sum()
-    outputs = {"masks": masks, "iou": iou, "tokens": tokens}
-    if hidden:
-        outputs["upscaled"] = upscaled
-        loss = loss + (upscaled * upstream["upscaled"]).sum()
+    outputs = {"masks": masks, "iou": iou}
+    if hidden:  # the output tokens and upscaled embeddings are returned with the hidden states only
+        outputs.update(tokens=tokens, upscaled=upscaled)
+        loss = loss + (tokens * upstream["tokens"]).sum() + (upscaled * upstream["upscaled"]).sum()
     if attentions:
         outputs.update({f"attention_{i}": w for i, w in enumerate(weights)})
     loss.backward()
