@@ -666,7 +666,8 @@ class EfficientSamDecoderAttention(nn.Module):
         weight, bias = projection.weight, projection.bias
         return weight.reshape(heads, -1, weight.shape[-1]), bias.reshape(heads, -1)
 
-    def tokens_attend_to_image(self, query_tokens, image_keys, image, fused: bool = False):
+    def tokens_attend_to_image(self, query_tokens, image_keys, image, fused: bool = False,
+                               compute_dtype_image: bool = False):
         """Per-query tokens attend to a per-query image stream: `forward(query_tokens, image_keys, image)`.
 
         query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C). Returns the output (B, Q, T, C) and
@@ -675,6 +676,9 @@ class EfficientSamDecoderAttention(nn.Module):
         `_TokensAttendToImage` computes the attention (its backward gives the image the keys'
         gradient too), no probabilities are returned (None), and the returned image is the function's
         pass-through output: the image's later users must take that one (see `_TokensAttendToImage`).
+        Under autocast the pass-through is the image in the compute dtype; it is returned only with
+        `compute_dtype_image` (for a next user that computes in that dtype anyway, the mask head),
+        else the image stream is returned as it came.
 
         Folded: a head's scores q_h . (W_k,h x + b_k,h) are (q_h W_k,h) . x + q_h . b_k,h, so each head's
         queries are mapped back to the C input channels (heads * T rows) and multiplied with the image
@@ -699,7 +703,7 @@ class EfficientSamDecoderAttention(nn.Module):
                     folded.reshape(batch * queries, rows, width).to(dtype), offset.reshape(batch * queries, rows, 1).to(dtype),
                     image.reshape(batch * queries, -1, width).to(dtype), image_keys.to(dtype))
             probabilities = None
-            if passed.dtype == image.dtype:  # (under autocast the pass-through is the compute-dtype copy)
+            if passed.dtype == image.dtype or compute_dtype_image:
                 image = passed.reshape(image.shape)
         else:
             scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
@@ -779,10 +783,13 @@ def _fused_image_attention(image_pe: torch.Tensor, return_weights: bool) -> bool
 
 
 def _image_keys(image: torch.Tensor, image_pe: torch.Tensor, fused: bool) -> torch.Tensor:
-    """`image + image_pe`, the keys of the attentions on the image; without autograd for the fused
-    functions, which give the image the keys' gradient themselves."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+    """`image + image_pe`, the keys of the attentions on the image; for the fused functions without
+    autograd (they give the image the keys' gradient themselves) and in the dtype they compute in,
+    so that under autocast the keys are converted once for the layer's two attentions."""
+    if not fused:
         return image + image_pe
+    with torch.no_grad():
+        return (image + image_pe).to(_compute_dtype(image))
 
 
 class EfficientSamTwoWayLayer(nn.Module):
@@ -869,7 +876,7 @@ class EfficientSamTwoWayTransformer(nn.Module):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
         see `EfficientSamTwoWayLayer`; shared_inputs: `shared_image_inputs(image, image_pe)` if made.
 
-        Returns tokens, the image stream (B, Q, HW, C) and the attention probabilities (with
+        Returns tokens, the image stream (B, Q, HW, C; in the compute dtype under autocast) and the attention probabilities (with
         `return_weights`). Only the tokens at the positions `output_tokens` go through the final
         attention and are returned, in that order (all T when None or with `return_weights`): the
         decoder reads only the output tokens it needs from there on, and each token's row of that
@@ -891,8 +898,9 @@ class EfficientSamTwoWayTransformer(nn.Module):
             tokens, token_pe = tokens[:, :, kept], token_pe[:, :, kept]
         fused = _fused_image_attention(image_pe, return_weights)
         image_keys = _image_keys(image, image_pe, fused)
-        attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(tokens + token_pe, image_keys,
-                                                                                        image, fused)
+        # the image's next user is the mask head, which computes in the autocast dtype
+        attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(
+            tokens + token_pe, image_keys, image, fused, compute_dtype_image=True)
         all_weights.append(weights)
         tokens = self.norm_final_attn(tokens + attended)
         return tokens, image, (tuple(all_weights) if return_weights else None)
