@@ -180,8 +180,22 @@ def test_optimizer_choice(tmp_path, synthetic_pcb_dataset, name, cls):
     assert type(optimizer) is cls
     if name == "sgd":
         assert optimizer.param_groups[0]["momentum"] == 0.8
+    else:  # Adam and AdamW run fused on the training device (CPU here)
+        assert optimizer.defaults["fused"] is True
     trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
     assert trainable == {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_adam_is_fused_only_on_devices_with_the_fused_kernels():
+    from types import SimpleNamespace
+
+    from modeling_efficientsam.training.optimization import optimizer_class_and_kwargs
+
+    args = SimpleNamespace(optimizer="adamw", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, learning_rate=1e-3,
+                           momentum=0.9)
+    assert optimizer_class_and_kwargs(args, "cuda")[1]["fused"] is True
+    assert "fused" not in optimizer_class_and_kwargs(args, "mps")[1]
+    assert "fused" not in optimizer_class_and_kwargs(args, None)[1]  # parameters managed elsewhere (FSDP)
 
 
 def _lrs(trainer, steps):

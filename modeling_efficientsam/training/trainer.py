@@ -175,7 +175,10 @@ class EfficientSamTrainer(BestAndNewestRotation, Trainer):
     # ---- Optimizer and learning-rate schedule (built by .optimization)
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            choice = optimizer_class_and_kwargs(self.args)
+            # fused Adam on the training device, unless FSDP manages the parameters (its sharded
+            # parameters are left to the default implementation)
+            device_type = None if self.is_fsdp_enabled else self.args.device.type
+            choice = optimizer_class_and_kwargs(self.args, device_type)
             if choice is not None:
                 self.optimizer_cls_and_kwargs = choice
             super().create_optimizer(model)
