@@ -12,8 +12,9 @@ weights) fine-tuned decoder-only (frozen encoders, the guide's default) either
 * from the embedding cache ("cache"; the cache is built once beforehand and not timed),
 with or without a ViT-S teacher (which then runs its own encoder, or reads its own cache), in fp32
 or bf16 autocast (bf16 computes in float32 on a CPU without native bf16: the model falls back). The
-ViT-T decoder fine-tuning from the cache also runs with the decoder as it was before the speed work
-(``reference_decoder.py``; ``decoder_speedups`` in the results). Every result records the CPU
+ViT-T decoder fine-tuning from the cache also runs with the decoder, the loss and the optimizer as
+they were before the speed work (``reference_decoder.py``, AdamW not fused; ``decoder_speedups`` in
+the results). Every result records the CPU
 (ATen capability, native bf16, threads). Batch: 1 image per step with up to --max_objects box queries. The first
 --warmup_steps optimizer steps are not timed. Reported: images/s and queries/s over the timed
 steps (from the median step time), seconds per step, peak RSS (and peak CUDA memory on a GPU), and
@@ -65,12 +66,14 @@ def run_configuration(config: dict) -> dict:
         sys.path.insert(0, os.path.join(REPO, "benchmarks"))
         from reference_decoder import ReferenceMaskDecoder, reference_segmentation_loss
 
+        from modeling_efficientsam.training import optimization as optimization_module
         from modeling_efficientsam.training import trainer as trainer_module
 
         reference = ReferenceMaskDecoder(student.config.mask_decoder_config)
         reference.load_state_dict(student.mask_decoder.state_dict())
         student.mask_decoder = reference
         trainer_module.segmentation_loss = reference_segmentation_loss  # and the loss before the speed work (own process)
+        optimization_module.FUSED_ADAM_DEVICES = ()  # and AdamW's default per-parameter loop, as before
     teacher = released("vits", seed=1) if config["teacher"] else None
     dataset = datasets.load_from_disk(config["dataset"])
     reader = None
