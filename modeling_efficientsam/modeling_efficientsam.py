@@ -876,11 +876,11 @@ class EfficientSamTwoWayTransformer(nn.Module):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
         see `EfficientSamTwoWayLayer`; shared_inputs: `shared_image_inputs(image, image_pe)` if made.
 
-        Returns tokens, the image stream (B, Q, HW, C; in the compute dtype under autocast) and the attention probabilities (with
-        `return_weights`). Only the tokens at the positions `output_tokens` go through the final
-        attention and are returned, in that order (all T when None or with `return_weights`): the
-        decoder reads only the output tokens it needs from there on, and each token's row of that
-        attention is independent.
+        Returns tokens, the image stream (B, Q, HW, C; in the compute dtype under autocast when the
+        attentions are fused) and the attention probabilities (with `return_weights`). Only the
+        tokens at the positions `output_tokens` go through the final attention and are returned, in
+        that order (all T when None or with `return_weights`): the decoder reads only the output
+        tokens it needs from there on, and each token's row of that attention is independent.
         """
         token_pe = tokens
         all_weights = []
