@@ -14,6 +14,8 @@ speed in ways that change only float rounding:
 * the upscaling and hypernetwork product run as one blocked operation with its own backward
   (``_EfficientSamMaskHead``): kernel-2, stride-2 transposed convolutions are matrix products on
   channels-last pixels, and the large second upscaled map is never stored;
+* the per-query image stream is held in chunks of queries small enough for the C allocator to
+  reuse their memory, while the token-side work runs once for all queries (``_split_queries``);
 * half precision on CPU is used only where the CPU computes it natively
   (``cpu_half_precision_is_native``); elsewhere autocast falls back to float32, which is faster there.
   Half-precision attention uses PyTorch's fused kernel on CPUs with AMX tiles and blocked matrix
@@ -670,9 +672,11 @@ class EfficientSamDecoderAttention(nn.Module):
                                compute_dtype_image: bool = False):
         """Per-query tokens attend to a per-query image stream: `forward(query_tokens, image_keys, image)`.
 
-        query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C). Returns the output (B, Q, T, C) and
-        the attention probabilities (B, Q, heads, T, HW), and the image for its next user. With
-        `fused`, `image_keys` is the image plus the positional encoding made without autograd,
+        query_tokens (B, Q, T, C); image_keys, image (B, Q, HW, C), or lists of such chunks that split
+        the Q queries in order (see `_split_queries`). Returns the output (B, Q, T, C), the attention
+        probabilities (B, Q, heads, T, HW), and the image for its next user, chunked as it came. The
+        token-side work runs once for all queries, the image-sized work chunk by chunk. With `fused`,
+        `image_keys` is the image plus the positional encoding made without autograd,
         `_TokensAttendToImage` computes the attention (its backward gives the image the keys'
         gradient too), no probabilities are returned (None), and the returned image is the function's
         pass-through output: the image's later users must take that one (see `_TokensAttendToImage`).
@@ -686,6 +690,9 @@ class EfficientSamDecoderAttention(nn.Module):
         after the weighted sum: sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v. The image-sized
         key and value projections (and their copies into heads) are never formed.
         """
+        chunked = isinstance(image, (list, tuple))
+        images, all_keys = (list(image), list(image_keys)) if chunked else ([image], [image_keys])
+        sizes = [part.shape[1] for part in images]
         batch, queries, num_tokens, width = query_tokens.shape
         heads = self.num_heads
         key_weight, key_bias = self._head_weights(self.k_proj)
@@ -695,34 +702,43 @@ class EfficientSamDecoderAttention(nn.Module):
         folded = torch.einsum("bqthd,hdc->bqhtc", query, key_weight.to(query.dtype))
         offset = torch.einsum("bqthd,hd->bqht", query, key_bias.to(query.dtype))
         rows = heads * num_tokens
-        image_keys = image_keys.reshape(batch * queries, -1, width)
-        if fused:
-            dtype = _compute_dtype(image)
-            with torch.autocast(image.device.type, enabled=False):
-                pooled, passed = _TokensAttendToImage.apply(
-                    folded.reshape(batch * queries, rows, width).to(dtype), offset.reshape(batch * queries, rows, 1).to(dtype),
-                    image.reshape(batch * queries, -1, width).to(dtype), image_keys.to(dtype))
-            probabilities = None
-            if passed.dtype == image.dtype or compute_dtype_image:
-                image = passed.reshape(image.shape)
-        else:
-            scores = _image_scores(folded.reshape(batch * queries, rows, width), image_keys,
-                                   offset.reshape(batch * queries, rows, 1))
-            probabilities = scores.softmax(dim=-1)
-            pooled = torch.bmm(probabilities.to(image.dtype), image.reshape(batch * queries, -1, width))
-            probabilities = probabilities.reshape(batch, queries, heads, num_tokens, -1)
-        pooled = pooled.reshape(batch, queries, heads, num_tokens, width)
+        pooled, probabilities, passed_on = [], [], []
+        for folded_part, offset_part, keys, part in zip(_split_queries(folded, sizes), _split_queries(offset, sizes),
+                                                        all_keys, images):
+            groups = batch * part.shape[1]
+            keys = keys.reshape(groups, -1, width)
+            if fused:
+                dtype = _compute_dtype(part)
+                with torch.autocast(part.device.type, enabled=False):
+                    pooled_part, passed = _TokensAttendToImage.apply(
+                        folded_part.reshape(groups, rows, width).to(dtype), offset_part.reshape(groups, rows, 1).to(dtype),
+                        part.reshape(groups, -1, width).to(dtype), keys.to(dtype))
+                if passed.dtype == part.dtype or compute_dtype_image:
+                    part = passed.reshape(part.shape)
+            else:
+                scores = _image_scores(folded_part.reshape(groups, rows, width), keys, offset_part.reshape(groups, rows, 1))
+                weights = scores.softmax(dim=-1)
+                pooled_part = torch.bmm(weights.to(part.dtype), part.reshape(groups, -1, width))
+                probabilities.append(weights.reshape(batch, -1, heads, num_tokens, weights.shape[-1]))
+            pooled.append(pooled_part.reshape(batch, -1, heads, num_tokens, width))
+            passed_on.append(part)
+        pooled = _join_queries(pooled)
+        probabilities = _join_queries(probabilities) if probabilities else None
         values = torch.einsum("bqhtc,hdc->bqthd", pooled, value_weight.to(pooled.dtype)) + value_bias.to(pooled.dtype)
         output = self.out_proj(values.reshape(batch, queries, num_tokens, -1))
-        return output, probabilities, image
+        return output, probabilities, (passed_on if chunked else passed_on[0])
 
-    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None, fused: bool = False):
+    def image_attends_to_tokens(self, image_keys, token_keys, tokens, image, token_bias=None, fused: bool = False,
+                                chunk_sizes: Optional[list] = None):
         """The image attends to each query's tokens, with the residual: `image + forward(image_keys, token_keys, tokens)`.
 
-        image_keys, image: (B, HW, C) shared by the Q queries of an image, or (B, Q, HW, C).
+        image_keys, image: (B, HW, C) shared by the Q queries of an image, or (B, Q, HW, C), or lists of
+        (B, Q_i, HW, C) chunks that split the queries in order (see `_split_queries`).
         token_keys, tokens: (B, Q, T, C); token_bias: None or (B, Q, T), added to the scores of each
-        token (see `_attention`). Returns the new image stream (B, Q, HW, C), before the norm. With
-        `fused` (a per-query image only), `image_keys` is made without autograd and
+        token (see `_attention`). Returns the new image stream (B, Q, HW, C), before the norm, chunked as
+        the image came; a shared image's result is split into chunks of `chunk_sizes` queries when
+        given. The token-side work runs once for all queries, the image-sized work chunk by chunk.
+        With `fused` (a per-query image only), `image_keys` is made without autograd and
         `_ImageAttendsToTokens` computes the attention (see `tokens_attend_to_image`).
 
         Folded: a head's scores (W_q,h x + b_q,h) . k_h are x . (W_q,h^T k_h) + b_q,h . k_h, so every
@@ -733,6 +749,15 @@ class EfficientSamDecoderAttention(nn.Module):
         never formed, and the softmax runs over the T tokens with the image positions innermost.
         """
         batch, queries, num_tokens, width = tokens.shape
+        chunked = isinstance(image, (list, tuple))
+        shared = not chunked and image.dim() == 3
+        if chunked:
+            images, all_keys, sizes = list(image), list(image_keys), [part.shape[1] for part in image]
+        elif shared:
+            sizes = list(chunk_sizes) if chunk_sizes is not None else [queries]
+            images, all_keys = [image] * len(sizes), [image_keys] * len(sizes)
+        else:
+            images, all_keys, sizes = [image], [image_keys], [queries]
         heads = self.num_heads
         query_weight, query_bias = self._head_weights(self.q_proj)
         scale = query_weight.shape[1] ** -0.5
@@ -745,7 +770,19 @@ class EfficientSamDecoderAttention(nn.Module):
         out_weight = self.out_proj.weight.reshape(width, heads, -1).to(values.dtype)
         projected = torch.einsum("bqthd,chd->bqthc", values, out_weight) + self.out_proj.bias.to(values.dtype) / heads
         rows = num_tokens * heads
-        shared = image_keys.dim() == 3
+        updated = [
+            self._image_attends_to_chunk(*parts, shared, fused, rows, num_tokens)
+            for parts in zip(_split_queries(folded, sizes), _split_queries(offset, sizes),
+                             _split_queries(projected, sizes), all_keys, images)
+        ]
+        return updated if chunked or (shared and chunk_sizes is not None) else updated[0]
+
+    @staticmethod
+    def _image_attends_to_chunk(folded, offset, projected, image_keys, image, shared: bool, fused: bool, rows: int,
+                                num_tokens: int):
+        """`image_attends_to_tokens` for one chunk of queries: folded, projected (B, q, T, heads, C),
+        offset (B, q, T, heads); image_keys, image (B, HW, C) when shared, else (B, q, HW, C)."""
+        batch, queries, width = folded.shape[0], folded.shape[1], folded.shape[-1]
         if fused and not shared:
             dtype = _compute_dtype(image)
             groups = batch * queries
@@ -757,7 +794,7 @@ class EfficientSamDecoderAttention(nn.Module):
             return updated.reshape(batch, queries, -1, width)
         groups = batch if shared else batch * queries
         scores = _image_scores(folded.reshape(groups, -1, width), image_keys.reshape(groups, -1, width),
-                               offset.reshape(groups, -1, 1))  # (groups, [Q] * T * heads, HW)
+                               offset.reshape(groups, -1, 1))  # (groups, [q] * T * heads, HW)
         probabilities = scores.reshape(batch * queries, num_tokens, -1).softmax(dim=1)
         probabilities = probabilities.reshape(batch * queries, rows, -1).transpose(1, 2)
         projected = projected.reshape(batch * queries, rows, width).to(probabilities.dtype)
@@ -772,6 +809,20 @@ class EfficientSamDecoderAttention(nn.Module):
         if probabilities.dtype == image.dtype:
             return torch.baddbmm(image, probabilities, projected).reshape(batch, queries, -1, width)
         return torch.bmm(probabilities, projected).to(image.dtype).add_(image).reshape(batch, queries, -1, width)
+
+
+def _split_queries(tensor: torch.Tensor, sizes: list) -> tuple:
+    """`tensor` (B, Q, ...) as chunks of `sizes` queries along dim 1 (itself when there is one chunk).
+
+    The mask decoder keeps a per-query image stream (B, Q, HW, C) as such chunks: each chunk's
+    image-sized tensors stay under `_QUERY_GROUP_BYTES`, while the token-side work (small tensors)
+    runs once for all Q queries."""
+    return (tensor,) if len(sizes) == 1 else tensor.split(sizes, dim=1)
+
+
+def _join_queries(parts: list) -> torch.Tensor:
+    """Inverse of `_split_queries`: chunks (B, Q_i, ...) -> (B, Q, ...)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _fused_image_attention(image_pe: torch.Tensor, return_weights: bool) -> bool:
@@ -809,21 +860,22 @@ class EfficientSamTwoWayLayer(nn.Module):
     def shared_image_inputs(self, image, image_pe) -> tuple:
         """What the layer computes from an image stream shared by all queries of an image (the first
         layer's): the keys `image + image_pe` and the token-to-image attention's projected keys and
-        values, head-split. Made once per call of the decoder, not once per group of queries."""
+        values, head-split."""
         cross = self.cross_attn_token_to_image
         image_keys = image + image_pe
         return image_keys, cross.split_heads(cross.k_proj(image_keys)), cross.split_heads(cross.v_proj(image))
 
     def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False,
-                token_bias=None, shared_inputs: Optional[tuple] = None):
+                token_bias=None, chunk_sizes: Optional[list] = None):
         """One two-way layer.
 
         tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
-        still the same for every query of an image, as in the first layer) else (B, Q, HW, C).
-        image_pe: (1, HW, C). token_bias: None or (B, Q, T), the log-multiplicity of merged tokens
-        wherever tokens are attended to (see `_merge_repeated_prompt_tokens`). shared_inputs: the
-        `shared_image_inputs` of a shared image, when already made. Returns tokens (B, Q, T, C), the
-        image stream (B, Q, HW, C) and, with `return_weights`, the token-to-image attention
+        still the same for every query of an image, as in the first layer) else the per-query stream
+        as a list of (B, Q_i, HW, C) chunks that split the queries in order. image_pe: (1, HW, C).
+        token_bias: None or (B, Q, T), the log-multiplicity of merged tokens wherever tokens are
+        attended to (see `_merge_repeated_prompt_tokens`). chunk_sizes: the queries per chunk of the
+        per-query stream that a shared image becomes (None: one chunk). Returns tokens (B, Q, T, C),
+        the image stream as a list of chunks and, with `return_weights`, the token-to-image attention
         probabilities (B, Q, heads, T, HW).
         """
         batch, queries, num_tokens, width = tokens.shape
@@ -837,7 +889,7 @@ class EfficientSamTwoWayLayer(nn.Module):
         if shared_image:
             # Keys and values depend on the image only: project once per image and let every query of
             # the image attend in one call (rows of a softmax are independent, so this is exact).
-            image_keys, key, value = shared_inputs or self.shared_image_inputs(image, image_pe)  # key, value (B, H, HW, d)
+            image_keys, key, value = self.shared_image_inputs(image, image_pe)  # key, value (B, H, HW, d)
             query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
             heads, head_dim = query.shape[2], query.shape[-1]
             stacked = query.permute(0, 2, 1, 3, 4).reshape(batch, heads, queries * num_tokens, head_dim)
@@ -847,14 +899,15 @@ class EfficientSamTwoWayLayer(nn.Module):
             if weights is not None:
                 weights = weights.reshape(batch, heads, queries, num_tokens, -1).transpose(1, 2)
         else:
-            image_keys = _image_keys(image, image_pe, fused)
+            image_keys = [_image_keys(part, image_pe, fused) for part in image]
             attended, weights, image = cross.tokens_attend_to_image(tokens + token_pe, image_keys, image, fused)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
 
-        image = self.cross_attn_image_to_token.image_attends_to_tokens(image_keys, tokens + token_pe, tokens, image,
-                                                                         token_bias, fused)
-        image = self.norm4(image)
+        image = self.cross_attn_image_to_token.image_attends_to_tokens(
+            image_keys, tokens + token_pe, tokens, image, token_bias, fused,
+            chunk_sizes=(list(chunk_sizes) if chunk_sizes is not None else [queries]) if shared_image else None)
+        image = [self.norm4(part) for part in image]
         return tokens, image, (weights if return_weights else None)
 
 
@@ -867,29 +920,27 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def shared_image_inputs(self, image, image_pe) -> Optional[tuple]:
-        """The first layer's per-image work (see `EfficientSamTwoWayLayer.shared_image_inputs`), or None."""
-        return self.layers[0].shared_image_inputs(image, image_pe) if len(self.layers) else None
-
     def forward(self, tokens, image, image_pe, return_weights: bool = False, output_tokens: Optional[list] = None,
-                token_bias=None, shared_inputs: Optional[tuple] = None):
+                token_bias=None, chunk_sizes: Optional[list] = None):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
-        see `EfficientSamTwoWayLayer`; shared_inputs: `shared_image_inputs(image, image_pe)` if made.
+        see `EfficientSamTwoWayLayer`; chunk_sizes: queries per chunk of the per-query image stream
+        (None: one chunk of all Q).
 
-        Returns tokens, the image stream (B, Q, HW, C; in the compute dtype under autocast when the
-        attentions are fused) and the attention probabilities (with `return_weights`). Only the
-        tokens at the positions `output_tokens` go through the final attention and are returned, in
-        that order (all T when None or with `return_weights`): the decoder reads only the output
-        tokens it needs from there on, and each token's row of that attention is independent.
+        Returns tokens, the image stream as a list of (B, Q_i, HW, C) chunks (in the compute dtype
+        under autocast when the attentions are fused) and the attention probabilities (with
+        `return_weights`). Only the tokens at the positions `output_tokens` go through the final
+        attention and are returned, in that order (all T when None or with `return_weights`): the
+        decoder reads only the output tokens it needs from there on, and each token's row of that
+        attention is independent.
         """
+        sizes = list(chunk_sizes) if chunk_sizes is not None else [tokens.shape[1]]
         token_pe = tokens
         all_weights = []
         for index, layer in enumerate(self.layers):
-            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias,
-                                           shared_inputs if index == 0 else None)
+            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias, sizes)
             all_weights.append(weights)
-        if image.dim() == 3:  # no two-way layer: the image stream is still shared
-            image = image.unsqueeze(1).expand(-1, tokens.shape[1], -1, -1)
+        if not isinstance(image, list):  # no two-way layer: the image stream is still shared
+            image = [image.unsqueeze(1).expand(-1, size, -1, -1) for size in sizes]
         if output_tokens is not None and not return_weights:
             if list(output_tokens) == list(range(output_tokens[0], output_tokens[-1] + 1)):
                 kept = slice(output_tokens[0], output_tokens[-1] + 1)
@@ -897,7 +948,7 @@ class EfficientSamTwoWayTransformer(nn.Module):
                 kept = torch.tensor(output_tokens, device=tokens.device)
             tokens, token_pe = tokens[:, :, kept], token_pe[:, :, kept]
         fused = _fused_image_attention(image_pe, return_weights)
-        image_keys = _image_keys(image, image_pe, fused)
+        image_keys = [_image_keys(part, image_pe, fused) for part in image]
         # the image's next user is the mask head, which computes in the autocast dtype
         attended, weights, image = self.final_attn_token_to_image.tokens_attend_to_image(
             tokens + token_pe, image_keys, image, fused, compute_dtype_image=True)
@@ -936,10 +987,11 @@ def _pixel_convolution_weights(convolution: nn.ConvTranspose2d, dtype: torch.dty
     return weight.to(dtype), convolution.bias.repeat(4).to(dtype)
 
 
-# The mask decoder decodes the queries of a batch in groups whose image-sized tensors (the per-query
-# image stream, its gradients, the first upscaled map) take at most this many bytes each. glibc's
-# allocator serves larger blocks from freshly mapped pages every time, and first touching them costs
-# more than the arithmetic on them; blocks below its 32 MiB mapping threshold are reused.
+# The mask decoder holds the per-query image stream in chunks of queries whose image-sized tensors
+# (the stream, its gradients, the first upscaled map) take at most this many bytes each; the
+# token-side work runs once for all queries (see `_split_queries`). glibc's allocator serves larger
+# blocks from freshly mapped pages every time, and first touching them costs more than the
+# arithmetic on them; blocks below its 32 MiB mapping threshold are reused.
 _QUERY_GROUP_BYTES = 24 << 20
 
 
@@ -1161,41 +1213,17 @@ class EfficientSamMaskDecoder(nn.Module):
         `output_attentions`), with `output_hidden_states` the output tokens (B, Q, 5, C) and the
         upscaled embeddings (B, Q, C', 4h, 4w) (else None).
 
-        Queries are decoded in groups whose per-query image-sized tensors stay below
-        `_QUERY_GROUP_BYTES` (see there); each query's outputs are the same either way. The work that
-        depends on the image only is done once for all groups.
+        The per-query image stream is kept as chunks of queries whose image-sized tensors stay below
+        `_QUERY_GROUP_BYTES` (see there); the token-side work runs once for all queries, the
+        image-sized work chunk by chunk. Each query's outputs are the same either way.
         """
         batch, queries = prompt_embeddings.shape[:2]
         height, width = image_embeddings.shape[-2:]
         image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
         image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
         per_query = image[0].numel() * 4  # bytes of one query's float32 image stream
-        group = max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
-        grid = (height, width)
-        if queries <= group or _tracing():
-            return self._decode(image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
-                                output_hidden_states, None)
-        shared = self.transformer.shared_image_inputs(image, image_pe)
-        parts = [
-            self._decode(image, image_pe, grid, prompt_embeddings[:, start : start + group], multimask_output,
-                         output_attentions, output_hidden_states, shared)
-            for start in range(0, queries, group)
-        ]
-        masks, iou_pred, tokens, upscaled = (
-            torch.cat([part[index] for part in parts], dim=1) if parts[0][index] is not None else None
-            for index in (0, 1, 3, 4)
-        )
-        attentions = None
-        if output_attentions:
-            attentions = tuple(torch.cat([part[2][layer] for part in parts], dim=1) for layer in range(len(parts[0][2])))
-        return masks, iou_pred, attentions, tokens, upscaled
-
-    def _decode(self, image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
-                output_hidden_states, shared):
-        """One group of queries: image (B, HW, C), image_pe (1, HW, C), grid (h, w), prompt_embeddings
-        (B, Q, P, C), shared: the transformer's `shared_image_inputs` or None. Returns `forward`'s outputs."""
-        batch, queries = prompt_embeddings.shape[:2]
-        height, width = grid
+        chunk = queries if _tracing() else max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
+        chunk_sizes = [min(chunk, queries - start) for start in range(0, queries, chunk)] or [0]
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         token_bias = None
@@ -1214,7 +1242,7 @@ class EfficientSamMaskDecoder(nn.Module):
         selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         kept = list(range(num_outputs)) if output_hidden_states else [0] + [1 + index for index in selected]
         tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, kept, token_bias,
-                                                     shared)
+                                                     chunk_sizes)
 
         iou_token_out = tokens[:, :, 0]
         if output_hidden_states or output_attentions:  # every token came back, in order
@@ -1225,13 +1253,17 @@ class EfficientSamMaskDecoder(nn.Module):
             [self.output_hypernetworks_mlps[index](mask_tokens_out[:, :, position]) for position, index in enumerate(selected)],
             dim=2,
         )  # (B, Q, candidates, channels)
-        masks, upscaled = self.predict_masks(
-            image.reshape(batch * queries, -1, image.shape[-1]), hyper_in.reshape(batch * queries, len(selected), -1),
-            height, width, return_upscaled=output_hidden_states,
-        )
-        masks = masks.reshape(batch, queries, len(selected), 4 * height, 4 * width)
-        if upscaled is not None:
-            upscaled = upscaled.reshape(batch, queries, -1, 4 * height, 4 * width)
+        masks, upscaled = [], []
+        for part, hyper_part in zip(image, _split_queries(hyper_in, chunk_sizes)):
+            size = part.shape[1]
+            masks_part, upscaled_part = self.predict_masks(
+                part.reshape(batch * size, -1, part.shape[-1]), hyper_part.reshape(batch * size, len(selected), -1),
+                height, width, return_upscaled=output_hidden_states,
+            )
+            masks.append(masks_part.reshape(batch, size, len(selected), 4 * height, 4 * width))
+            if upscaled_part is not None:
+                upscaled.append(upscaled_part.reshape(batch, size, -1, 4 * height, 4 * width))
+        masks, upscaled = _join_queries(masks), (_join_queries(upscaled) if upscaled else None)
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :, selected.start : selected.stop]
         return masks, iou_pred, attentions, (tokens[:, :, :num_outputs] if output_hidden_states else None), upscaled
 

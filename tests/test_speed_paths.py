@@ -238,15 +238,15 @@ def test_fused_mask_head_in_blocks_equals_the_plain_path(monkeypatch, rows, bloc
 
 
 @pytest.mark.parametrize("attentions, hidden", [(False, False), (True, True)])
-def test_decoding_queries_in_groups_changes_nothing(monkeypatch, attentions, hidden):
-    """Queries decoded in groups (as large batches are, to keep tensors small) give the same outputs,
-    attention maps, upscaled embeddings and gradients as all queries at once."""
+def test_decoding_queries_in_chunks_changes_nothing(monkeypatch, attentions, hidden):
+    """The image stream held in chunks of queries (as large batches are, to keep tensors small) gives
+    the same outputs, attention maps, upscaled embeddings and gradients as one chunk of all queries."""
     model, _ = decoder_pair()
     inputs = decoder_inputs(model)
     upstream = upstream_gradients()
     whole, whole_grads = run_decoder(model.mask_decoder, *inputs, True, attentions, hidden, upstream)
     per_query = 32 * 4 * 4 * 4
-    monkeypatch.setattr(modeling, "_QUERY_GROUP_BYTES", 2 * 2 * per_query)  # 2 images x 2 queries per group: 2 + 1
+    monkeypatch.setattr(modeling, "_QUERY_GROUP_BYTES", 2 * 2 * per_query)  # 2 images x 2 queries per chunk: 2 + 1
     grouped, grouped_grads = run_decoder(model.mask_decoder, *inputs, True, attentions, hidden, upstream)
     assert whole.keys() == grouped.keys()
     for name, value in whole.items():
