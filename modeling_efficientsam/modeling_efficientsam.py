@@ -1412,6 +1412,11 @@ class EfficientSamModel(EfficientSamPreTrainedModel):
         labels = torch.cat(parts_labels, dim=2)
         if points.shape[0] != batch_size:
             raise ValueError(f"prompts are for {points.shape[0]} images but {batch_size} images were given")
+        if points.shape[1] == 0:
+            raise ValueError(
+                f"the prompts hold no query (shape {tuple(points.shape[:2])} as (batch, queries)): give at least one "
+                "box or point per image (pad other images' queries with -1 boxes / -1 labels)"
+            )
         if points.shape[2] > max_points:
             raise ValueError(
                 f"a query has at most {max_points} points (a box counts as 2); got {points.shape[2]} per query"

@@ -478,6 +478,9 @@ def test_auto_classes_are_registered(tmp_path, small_model):
         ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_boxes": torch.zeros(1, 2, 4),
           "input_points": torch.zeros(1, 1, 1, 2), "input_labels": torch.ones(1, 1, 1)}, "same batch and query"),
         ({"image_embeddings": torch.randn(2, 32, 4, 4), "input_boxes": torch.zeros(1, 1, 4)}, "prompts are for 1 images but 2"),
+        ({"image_embeddings": torch.randn(2, 32, 4, 4), "input_boxes": torch.zeros(2, 0, 4)}, "hold no query"),
+        ({"image_embeddings": torch.randn(1, 32, 4, 4), "input_points": torch.zeros(1, 0, 1, 2),
+          "input_labels": torch.ones(1, 0, 1)}, "hold no query"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(small_model, kwargs, message):
