@@ -185,15 +185,20 @@ class EfficientSamProcessor(ProcessorMixin):
                 bad = ~np.isin(lbl, VALID_LABELS)
                 if bad.any():
                     raise ValueError(f"image {index}: input_labels must be in {VALID_LABELS}; got {sorted(set(lbl[bad]))}")
-                rescaled.append(self.rescale_points(pts, lbl, size, normalized))
+                rescaled.append(self.rescale_points(pts, lbl, size, normalized, index))
                 checked.append(lbl)
             data["input_points"] = self._pad_stack(rescaled, None).to(dtype)
             data["input_labels"] = self._pad_stack(checked, None).to(torch.long)
         return BatchFeature(data=data)
 
     # -- coordinate handling --------------------------------------------------------------------
-    def _to_pixels(self, coords: np.ndarray, size, normalized: bool, what: str) -> np.ndarray:
+    def _to_pixels(self, coords: np.ndarray, size, normalized: bool, what: str, image_index: int = 0) -> np.ndarray:
         height, width = size
+        if not np.isfinite(coords).all():
+            raise ValueError(
+                f"image {image_index}: {what} must be finite numbers; got {coords[~np.isfinite(coords)][:4].tolist()} "
+                "among them (a NaN or an infinity from an upstream computation?)"
+            )
         if normalized:
             if coords.size and (coords.min() < 0 or coords.max() > 1):
                 raise ValueError(
@@ -209,7 +214,7 @@ class EfficientSamProcessor(ProcessorMixin):
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if box_format == "xywh":
             boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
-        corners = self._to_pixels(boxes.reshape(-1, 2, 2), size, normalized, "boxes").reshape(-1, 4)
+        corners = self._to_pixels(boxes.reshape(-1, 2, 2), size, normalized, "boxes", image_index).reshape(-1, 4)
         for query, (x1, y1, x2, y2) in enumerate(corners):
             if not (x2 > x1 and y2 > y1):
                 raise ValueError(
@@ -227,10 +232,13 @@ class EfficientSamProcessor(ProcessorMixin):
                 )
         return to_model_frame(clipped.reshape(-1, 2, 2), size, self.size).reshape(-1, 4)
 
-    def rescale_points(self, points: np.ndarray, labels: np.ndarray, size, normalized: bool) -> np.ndarray:
+    def rescale_points(self, points: np.ndarray, labels: np.ndarray, size, normalized: bool,
+                       image_index: int = 0) -> np.ndarray:
         """(Q, P, 2) points -> model frame; padding points (label -1) are returned untouched."""
         padding = labels == LABEL_PADDING
-        real = self._to_pixels(np.where(padding[..., None], 0.0, points), size, normalized, "points")
+        if not np.isfinite(points[padding]).all():  # they enter the model (at (-1, -1) in the original)
+            raise ValueError(f"image {image_index}: padding points (label -1) must have finite coordinates; use (-1, -1)")
+        real = self._to_pixels(np.where(padding[..., None], 0.0, points), size, normalized, "points", image_index)
         return np.where(padding[..., None], points, to_model_frame(real, size, self.size))
 
     @staticmethod

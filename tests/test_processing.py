@@ -134,6 +134,21 @@ def test_normalized_values_outside_unit_range_are_errors():
         processor(original_sizes=[[50, 100]], input_boxes=[[(0.1, 0.1, 1.5, 0.5)]], normalized=True)
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+def test_non_finite_boxes_and_points_are_errors(normalized):
+    processor = EfficientSamProcessor(EfficientSamImageProcessor(size=100))
+    with pytest.raises(ValueError, match=r"image 1: boxes must be finite numbers; got \[nan\]"):
+        processor(original_sizes=[[50, 100], [50, 100]], input_boxes=[[(0.1, 0.1, 0.5, 0.5)], [(0.1, float("nan"), 0.5, 0.5)]],
+                  normalized=normalized)
+    with pytest.raises(ValueError, match=r"image 0: points must be finite numbers; got \[inf\]"):
+        processor(original_sizes=[[50, 100]], input_points=[[[[float("inf"), 0.2]]]], input_labels=[[[1]]],
+                  normalized=normalized)
+    # padding points' coordinates reach the model too (as in the original), so they are checked as well
+    with pytest.raises(ValueError, match=r"image 0: padding points \(label -1\) must have finite coordinates"):
+        processor(original_sizes=[[50, 100]], input_points=[[[[0.2, 0.2], [float("nan"), -1]]]],
+                  input_labels=[[[1, -1]]], normalized=normalized)
+
+
 def test_points_rescaled_and_padding_untouched():
     processor = EfficientSamProcessor(EfficientSamImageProcessor(size=100))
     out = processor(original_sizes=[[50, 200]], input_points=[[[[20, 10], [-1, -1]]]], input_labels=[[[1, -1]]])
