@@ -15,7 +15,8 @@ speed in ways that change only float rounding:
   (``_EfficientSamMaskHead``): kernel-2, stride-2 transposed convolutions are matrix products on
   channels-last pixels, and the large second upscaled map is never stored;
 * the per-query image stream is held in chunks of queries small enough for the C allocator to
-  reuse their memory, while the token-side work runs once for all queries (``_split_queries``);
+  reuse their memory; in training the token-side work runs once for all queries
+  (``_split_queries``), without autograd the chunks are decoded one at a time;
 * half precision on CPU is used only where the CPU computes it natively
   (``cpu_half_precision_is_native``); elsewhere autocast falls back to float32, which is faster there.
   Half-precision attention uses PyTorch's fused kernel on CPUs with AMX tiles and blocked matrix
@@ -860,13 +861,13 @@ class EfficientSamTwoWayLayer(nn.Module):
     def shared_image_inputs(self, image, image_pe) -> tuple:
         """What the layer computes from an image stream shared by all queries of an image (the first
         layer's): the keys `image + image_pe` and the token-to-image attention's projected keys and
-        values, head-split."""
+        values, head-split. Made once per call of the decoder, not once per chunk decoded on its own."""
         cross = self.cross_attn_token_to_image
         image_keys = image + image_pe
         return image_keys, cross.split_heads(cross.k_proj(image_keys)), cross.split_heads(cross.v_proj(image))
 
     def forward(self, tokens, token_pe, image, image_pe, shared_image: bool, return_weights: bool = False,
-                token_bias=None, chunk_sizes: Optional[list] = None):
+                token_bias=None, chunk_sizes: Optional[list] = None, shared_inputs: Optional[tuple] = None):
         """One two-way layer.
 
         tokens, token_pe: (B, Q, T, C). image: (B, HW, C) when `shared_image` (the image stream is
@@ -874,7 +875,8 @@ class EfficientSamTwoWayLayer(nn.Module):
         as a list of (B, Q_i, HW, C) chunks that split the queries in order. image_pe: (1, HW, C).
         token_bias: None or (B, Q, T), the log-multiplicity of merged tokens wherever tokens are
         attended to (see `_merge_repeated_prompt_tokens`). chunk_sizes: the queries per chunk of the
-        per-query stream that a shared image becomes (None: one chunk). Returns tokens (B, Q, T, C),
+        per-query stream that a shared image becomes (None: one chunk). shared_inputs: the
+        `shared_image_inputs` of a shared image, when already made. Returns tokens (B, Q, T, C),
         the image stream as a list of chunks and, with `return_weights`, the token-to-image attention
         probabilities (B, Q, heads, T, HW).
         """
@@ -889,7 +891,7 @@ class EfficientSamTwoWayLayer(nn.Module):
         if shared_image:
             # Keys and values depend on the image only: project once per image and let every query of
             # the image attend in one call (rows of a softmax are independent, so this is exact).
-            image_keys, key, value = self.shared_image_inputs(image, image_pe)  # key, value (B, H, HW, d)
+            image_keys, key, value = shared_inputs or self.shared_image_inputs(image, image_pe)  # key, value (B, H, HW, d)
             query = cross.split_heads(cross.q_proj(tokens + token_pe))  # (B, Q, H, T, d)
             heads, head_dim = query.shape[2], query.shape[-1]
             stacked = query.permute(0, 2, 1, 3, 4).reshape(batch, heads, queries * num_tokens, head_dim)
@@ -920,11 +922,15 @@ class EfficientSamTwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = EfficientSamDecoderAttention(config, config.attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    def shared_image_inputs(self, image, image_pe) -> Optional[tuple]:
+        """The first layer's per-image work (see `EfficientSamTwoWayLayer.shared_image_inputs`), or None."""
+        return self.layers[0].shared_image_inputs(image, image_pe) if len(self.layers) else None
+
     def forward(self, tokens, image, image_pe, return_weights: bool = False, output_tokens: Optional[list] = None,
-                token_bias=None, chunk_sizes: Optional[list] = None):
+                token_bias=None, chunk_sizes: Optional[list] = None, shared_inputs: Optional[tuple] = None):
         """tokens: (B, Q, T, C); image: (B, HW, C); image_pe: (1, HW, C); token_bias: None or (B, Q, T),
         see `EfficientSamTwoWayLayer`; chunk_sizes: queries per chunk of the per-query image stream
-        (None: one chunk of all Q).
+        (None: one chunk of all Q); shared_inputs: `shared_image_inputs(image, image_pe)` if made.
 
         Returns tokens, the image stream as a list of (B, Q_i, HW, C) chunks (in the compute dtype
         under autocast when the attentions are fused) and the attention probabilities (with
@@ -937,7 +943,8 @@ class EfficientSamTwoWayTransformer(nn.Module):
         token_pe = tokens
         all_weights = []
         for index, layer in enumerate(self.layers):
-            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias, sizes)
+            tokens, image, weights = layer(tokens, token_pe, image, image_pe, index == 0, return_weights, token_bias, sizes,
+                                           shared_inputs if index == 0 else None)
             all_weights.append(weights)
         if not isinstance(image, list):  # no two-way layer: the image stream is still shared
             image = [image.unsqueeze(1).expand(-1, size, -1, -1) for size in sizes]
@@ -1215,7 +1222,11 @@ class EfficientSamMaskDecoder(nn.Module):
 
         The per-query image stream is kept as chunks of queries whose image-sized tensors stay below
         `_QUERY_GROUP_BYTES` (see there); the token-side work runs once for all queries, the
-        image-sized work chunk by chunk. Each query's outputs are the same either way.
+        image-sized work chunk by chunk. When autograd records, every chunk's tensors are kept for
+        the backward pass anyway, so all chunks are decoded together; when it does not (inference,
+        evaluation, a frozen teacher), the queries are decoded one chunk at a time, so that memory is
+        that of one chunk however many queries there are. The work that depends on the image only
+        is done once either way. Each query's outputs are the same in every case.
         """
         batch, queries = prompt_embeddings.shape[:2]
         height, width = image_embeddings.shape[-2:]
@@ -1224,6 +1235,34 @@ class EfficientSamMaskDecoder(nn.Module):
         per_query = image[0].numel() * 4  # bytes of one query's float32 image stream
         chunk = queries if _tracing() else max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
         chunk_sizes = [min(chunk, queries - start) for start in range(0, queries, chunk)] or [0]
+        grid = (height, width)
+        records = torch.is_grad_enabled() and (
+            prompt_embeddings.requires_grad or image.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if len(chunk_sizes) == 1 or records:
+            return self._decode(image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
+                                output_hidden_states, chunk_sizes, None)
+        shared = self.transformer.shared_image_inputs(image, image_pe)
+        parts, start = [], 0
+        for size in chunk_sizes:
+            parts.append(self._decode(image, image_pe, grid, prompt_embeddings[:, start : start + size], multimask_output,
+                                      output_attentions, output_hidden_states, [size], shared))
+            start += size
+        masks, iou_pred, tokens, upscaled = (
+            torch.cat([part[index] for part in parts], dim=1) if parts[0][index] is not None else None
+            for index in (0, 1, 3, 4)
+        )
+        attentions = None
+        if output_attentions:
+            attentions = tuple(torch.cat([part[2][layer] for part in parts], dim=1) for layer in range(len(parts[0][2])))
+        return masks, iou_pred, attentions, tokens, upscaled
+
+    def _decode(self, image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
+                output_hidden_states, chunk_sizes, shared):
+        """Queries with the image stream in chunks of `chunk_sizes` queries: image (B, HW, C), image_pe
+        (1, HW, C), grid (h, w), prompt_embeddings (B, Q, P, C), shared: the transformer's
+        `shared_image_inputs` or None. Returns `forward`'s outputs."""
+        batch, queries = prompt_embeddings.shape[:2]
+        height, width = grid
         output_tokens = torch.cat([self.iou_token, self.mask_tokens], dim=0).to(prompt_embeddings.dtype)
         output_tokens = output_tokens.expand(batch, queries, -1, -1)
         token_bias = None
@@ -1242,7 +1281,7 @@ class EfficientSamMaskDecoder(nn.Module):
         selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         kept = list(range(num_outputs)) if output_hidden_states else [0] + [1 + index for index in selected]
         tokens, image, attentions = self.transformer(tokens, image, image_pe, output_attentions, kept, token_bias,
-                                                     chunk_sizes)
+                                                     chunk_sizes, shared)
 
         iou_token_out = tokens[:, :, 0]
         if output_hidden_states or output_attentions:  # every token came back, in order

@@ -254,6 +254,44 @@ def test_decoding_queries_in_chunks_changes_nothing(monkeypatch, attentions, hid
     assert_gradients_close(grouped_grads, whole_grads, 1e-10)
 
 
+@pytest.mark.parametrize("attentions, hidden", [(False, False), (True, True)])
+def test_without_autograd_chunks_are_decoded_one_at_a_time(monkeypatch, attentions, hidden):
+    """Without autograd (inference, evaluation, a frozen teacher) nothing is kept for a backward pass,
+    so the decoder decodes one chunk of queries at a time (memory of one chunk, not of all queries),
+    with the image's own work done once: same outputs as all queries at once."""
+    model, _ = decoder_pair()
+    embeddings, image_pe, prompts = decoder_inputs(model)
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        whole = decoder(embeddings, image_pe, prompts, True, attentions, hidden)
+        per_query = 32 * 4 * 4 * 4
+        monkeypatch.setattr(modeling, "_QUERY_GROUP_BYTES", 2 * 2 * per_query)  # 2 images x 2 queries per chunk: 2 + 1
+        calls, shared = [], []
+        original_decode = type(decoder)._decode
+        original_shared = type(decoder.transformer).shared_image_inputs
+
+        def spy_decode(self, image, image_pe, grid, prompt_embeddings, *args):
+            calls.append((prompt_embeddings.shape[1], args[-2]))  # (queries, chunk sizes)
+            return original_decode(self, image, image_pe, grid, prompt_embeddings, *args)
+
+        def spy_shared(self, *args):
+            shared.append(1)
+            return original_shared(self, *args)
+
+        monkeypatch.setattr(type(decoder), "_decode", spy_decode)
+        monkeypatch.setattr(type(decoder.transformer), "shared_image_inputs", spy_shared)
+        chunked = decoder(embeddings, image_pe, prompts, True, attentions, hidden)
+    assert calls == [(2, [2]), (1, [1])] and len(shared) == 1
+    for got, expected in zip(chunked, whole):
+        if isinstance(expected, tuple):
+            for got_layer, expected_layer in zip(got, expected):
+                torch.testing.assert_close(got_layer, expected_layer, rtol=1e-12, atol=1e-12)
+        elif expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        else:
+            assert got is None
+
+
 def fused_inputs(model, inputs):
     """(image stream, hypernetwork outputs, h, w) that the decoder hands to predict_masks."""
     embeddings, image_pe, prompts = inputs
