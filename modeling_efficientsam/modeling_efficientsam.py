@@ -908,7 +908,7 @@ class EfficientSamTwoWayLayer(nn.Module):
 
         image = self.cross_attn_image_to_token.image_attends_to_tokens(
             image_keys, tokens + token_pe, tokens, image, token_bias, fused,
-            chunk_sizes=(list(chunk_sizes) if chunk_sizes is not None else [queries]) if shared_image else None)
+            chunk_sizes=(chunk_sizes or [queries]) if shared_image else None)
         image = [self.norm4(part) for part in image]
         return tokens, image, (weights if return_weights else None)
 
@@ -1248,12 +1248,12 @@ class EfficientSamMaskDecoder(nn.Module):
                                       output_attentions, output_hidden_states, [size], shared))
             start += size
         masks, iou_pred, tokens, upscaled = (
-            torch.cat([part[index] for part in parts], dim=1) if parts[0][index] is not None else None
+            _join_queries([part[index] for part in parts]) if parts[0][index] is not None else None
             for index in (0, 1, 3, 4)
         )
         attentions = None
         if output_attentions:
-            attentions = tuple(torch.cat([part[2][layer] for part in parts], dim=1) for layer in range(len(parts[0][2])))
+            attentions = tuple(_join_queries([part[2][layer] for part in parts]) for layer in range(len(parts[0][2])))
         return masks, iou_pred, attentions, tokens, upscaled
 
     def _decode(self, image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,

@@ -197,7 +197,7 @@ class EfficientSamProcessor(ProcessorMixin):
         if not np.isfinite(coords).all():
             raise ValueError(
                 f"image {image_index}: {what} must be finite numbers; got {coords[~np.isfinite(coords)][:4].tolist()} "
-                "among them (a NaN or an infinity from an upstream computation?)"
+                "among them; fix or drop those prompts (a NaN or an infinity from an upstream computation?)"
             )
         if normalized:
             if coords.size and (coords.min() < 0 or coords.max() > 1):
