@@ -816,8 +816,8 @@ def _split_queries(tensor: torch.Tensor, sizes: list) -> tuple:
     """`tensor` (B, Q, ...) as chunks of `sizes` queries along dim 1 (itself when there is one chunk).
 
     The mask decoder keeps a per-query image stream (B, Q, HW, C) as such chunks: each chunk's
-    image-sized tensors stay under `_QUERY_GROUP_BYTES`, while the token-side work (small tensors)
-    runs once for all Q queries."""
+    image-sized tensors stay under the device's bound (`_queries_per_chunk`), while the token-side
+    work (small tensors) runs once for all Q queries."""
     return (tensor,) if len(sizes) == 1 else tensor.split(sizes, dim=1)
 
 
@@ -994,28 +994,57 @@ def _pixel_convolution_weights(convolution: nn.ConvTranspose2d, dtype: torch.dty
     return weight.to(dtype), convolution.bias.repeat(4).to(dtype)
 
 
-# The mask decoder holds the per-query image stream in chunks of queries whose image-sized tensors
-# (the stream, its gradients, the first upscaled map) take at most this many bytes each; the
-# token-side work runs once for all queries (see `_split_queries`). glibc's allocator serves larger
-# blocks from freshly mapped pages every time, and first touching them costs more than the
-# arithmetic on them; blocks below its 32 MiB mapping threshold are reused.
+# How the mask decoder bounds its image-sized work depends on the device.
+#
+# On a CPU, the per-query image stream is held in chunks of queries whose image-sized tensors (the
+# stream, its gradients, the first upscaled map) take at most _QUERY_GROUP_BYTES each; the token-side
+# work runs once for all queries (see `_split_queries`). glibc's allocator serves larger blocks from
+# freshly mapped pages every time, and first touching them costs more than the arithmetic on them;
+# blocks below its 32 MiB mapping threshold are reused. The fused mask head works on blocks of
+# _MASK_HEAD_BLOCK_ROWS rows of the first upscaled map (C1 channels each): enough for efficient
+# matrix products and few operator calls, few enough that a block's intermediates (twice as many
+# rows of the second map) stay in cache.
 _QUERY_GROUP_BYTES = 24 << 20
-
-
-# Rows of the first upscaled map (C1 channels each) that the fused mask head processes per step:
-# enough for efficient matrix products and few operator calls, few enough that a block's
-# intermediates (twice as many rows of the second map) stay in cache.
 _MASK_HEAD_BLOCK_ROWS = 16384
 
+# On an accelerator (CUDA, MPS, XPU, ...) the framework's caching allocator reuses freed blocks of any
+# size, and what small blocks cost is one kernel launch each, not cache misses. While autograd records,
+# the stream is one chunk (every chunk's tensors are kept for the backward pass anyway); without
+# autograd, chunks of at most _ACCELERATOR_QUERY_CHUNK_BYTES bound the memory of inference over many
+# prompts. The mask head's blocks hold up to _ACCELERATOR_MASK_HEAD_BLOCK_ROWS first-map rows (64
+# queries of a 64 x 64 embedding grid): their temporaries stay near 1 GiB in float32.
+_ACCELERATOR_QUERY_CHUNK_BYTES = 512 << 20
+_ACCELERATOR_MASK_HEAD_BLOCK_ROWS = 1 << 20
 
-def _mask_head_blocks(batch: int, pixels: int) -> list:
-    """Blocks (n0, n1, p0, p1) of about _MASK_HEAD_BLOCK_ROWS first-map rows: whole queries n0..n1
-    when a query's 4 * pixels rows fit, else pixel ranges p0..p1 of one query. Either way a block
-    is one contiguous slice of a (N, pixels, ...) tensor."""
-    if 4 * pixels <= _MASK_HEAD_BLOCK_ROWS:
-        step = _MASK_HEAD_BLOCK_ROWS // (4 * pixels)
+
+def _sized_for_cpu(device: torch.device) -> bool:
+    """Whether the decoder sizes its chunks and blocks for a CPU's caches and allocator (see above)."""
+    return device.type == "cpu"
+
+
+def _queries_per_chunk(device: torch.device, queries: int, bytes_per_query: int, records: bool) -> int:
+    """Queries per chunk of the per-query image stream; `bytes_per_query`: one query's float32
+    stream over the whole batch; `records`: whether autograd records the decoder."""
+    if _tracing():
+        return queries
+    if _sized_for_cpu(device):
+        limit = _QUERY_GROUP_BYTES
+    elif records:
+        return max(1, queries)
+    else:
+        limit = _ACCELERATOR_QUERY_CHUNK_BYTES
+    return max(1, limit // max(1, bytes_per_query))
+
+
+def _mask_head_blocks(batch: int, pixels: int, device: torch.device) -> list:
+    """Blocks (n0, n1, p0, p1) of about the device's block rows (_MASK_HEAD_BLOCK_ROWS on a CPU)
+    of first-map rows: whole queries n0..n1 when a query's 4 * pixels rows fit, else pixel ranges
+    p0..p1 of one query. Either way a block is one contiguous slice of a (N, pixels, ...) tensor."""
+    rows = _MASK_HEAD_BLOCK_ROWS if _sized_for_cpu(device) else _ACCELERATOR_MASK_HEAD_BLOCK_ROWS
+    if 4 * pixels <= rows:
+        step = rows // (4 * pixels)
         return [(n, min(n + step, batch), 0, pixels) for n in range(0, batch, step)]
-    step = max(1, _MASK_HEAD_BLOCK_ROWS // 4)
+    step = max(1, rows // 4)
     return [(n, n + 1, p, min(p + step, pixels)) for n in range(batch) for p in range(0, pixels, step)]
 
 
@@ -1063,13 +1092,17 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             count = first[0].numel()
             mean = (first.view(batch, -1).sum(1, dtype=stat) + 4 * pixels * bias.sum()) / count
             pixel_bias = bias.repeat(4)
-            variance = torch.stack([(first[n].to(stat) + (pixel_bias - mean[n])).square_().sum() for n in range(batch)]) / count
+            blocks = _mask_head_blocks(batch, pixels, image.device)
+            groups = sorted({(n0, n1) for n0, n1, _, _ in blocks})  # whole queries, as many as a block holds
+            variance = torch.cat([
+                (first[n0:n1].to(stat) + (pixel_bias - mean[n0:n1, None, None])).square_().sum((1, 2)) for n0, n1 in groups
+            ]) / count
             rstd = torch.rsqrt(variance + eps)
             scale, shift = _normalization(gamma, beta, mean, rstd)
             shift = torch.addcmul(shift, bias, scale)
             logits = torch.empty(batch, 16 * pixels, hyper.shape[1], dtype=dtype, device=image.device)
             hyper_t = hyper.transpose(1, 2)
-            for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels):
+            for n0, n1, p0, p1 in blocks:
                 rows = first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
                 # GELUs in place: a block's temporaries are large, fresh ones cost more than the arithmetic
                 activated = _gelu_(torch.addcmul(shift[n0:n1], rows, scale[n0:n1])).to(dtype).view(-1, channels1)
@@ -1099,7 +1132,7 @@ class _EfficientSamMaskHead(torch.autograd.Function):
             grad_first = torch.empty(first.shape, dtype=stat, device=device)
             sum_grad = torch.zeros(batch, channels1, dtype=stat, device=device)
             sum_grad_first = torch.zeros(batch, channels1, dtype=stat, device=device)
-            for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels):
+            for n0, n1, p0, p1 in _mask_head_blocks(batch, pixels, device):
                 first_block = first[n0:n1, p0:p1].view(n1 - n0, -1, channels1)
                 normalized = torch.addcmul(shift[n0:n1], first_block, scale[n0:n1])
                 activated = F.gelu(normalized).to(dtype).view(-1, channels1)
@@ -1221,8 +1254,9 @@ class EfficientSamMaskDecoder(nn.Module):
         upscaled embeddings (B, Q, C', 4h, 4w) (else None).
 
         The per-query image stream is kept as chunks of queries whose image-sized tensors stay below
-        `_QUERY_GROUP_BYTES` (see there); the token-side work runs once for all queries, the
-        image-sized work chunk by chunk. When autograd records, every chunk's tensors are kept for
+        the device's bound (`_queries_per_chunk`: 24 MiB on a CPU; one chunk on an accelerator while
+        autograd records); the token-side work runs once for all queries, the image-sized work chunk
+        by chunk. When autograd records, every chunk's tensors are kept for
         the backward pass anyway, so all chunks are decoded together; when it does not (inference,
         evaluation, a frozen teacher), the queries are decoded one chunk at a time, so that memory is
         that of one chunk however many queries there are. The work that depends on the image only
@@ -1232,12 +1266,11 @@ class EfficientSamMaskDecoder(nn.Module):
         height, width = image_embeddings.shape[-2:]
         image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C), copied once
         image_pe = image_pe.flatten(2).transpose(1, 2).to(image.dtype)
-        per_query = image[0].numel() * 4  # bytes of one query's float32 image stream
-        chunk = queries if _tracing() else max(1, _QUERY_GROUP_BYTES // max(1, batch * per_query))
-        chunk_sizes = [min(chunk, queries - start) for start in range(0, queries, chunk)] or [0]
-        grid = (height, width)
         records = torch.is_grad_enabled() and (
             prompt_embeddings.requires_grad or image.requires_grad or any(p.requires_grad for p in self.parameters()))
+        chunk = _queries_per_chunk(image.device, queries, image.numel() * 4, records)  # float32 bytes of one query
+        chunk_sizes = [min(chunk, queries - start) for start in range(0, queries, chunk)] or [0]
+        grid = (height, width)
         if len(chunk_sizes) == 1 or records:
             return self._decode(image, image_pe, grid, prompt_embeddings, multimask_output, output_attentions,
                                 output_hidden_states, chunk_sizes, None)

@@ -227,9 +227,10 @@ def test_fused_mask_head_in_blocks_equals_the_plain_path(monkeypatch, rows, bloc
     inputs = decoder_inputs(model)
     upstream = upstream_gradients()
     whole, whole_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
-    assert len(modeling._mask_head_blocks(6, 16)) == 1
+    cpu = torch.device("cpu")
+    assert len(modeling._mask_head_blocks(6, 16, cpu)) == 1
     monkeypatch.setattr(modeling, "_MASK_HEAD_BLOCK_ROWS", rows)
-    assert len(modeling._mask_head_blocks(6, 16)) == blocks
+    assert len(modeling._mask_head_blocks(6, 16, cpu)) == blocks
     blocked, blocked_grads = run_decoder(model.mask_decoder, *inputs, True, False, False, upstream)
     plain_masks, _ = model.mask_decoder.predict_masks(*fused_inputs(model, inputs), return_upscaled=True)
     for result in (whole, blocked):
@@ -252,6 +253,56 @@ def test_decoding_queries_in_chunks_changes_nothing(monkeypatch, attentions, hid
     for name, value in whole.items():
         torch.testing.assert_close(grouped[name], value, rtol=1e-12, atol=1e-12)
     assert_gradients_close(grouped_grads, whole_grads, 1e-10)
+
+
+def spy_on_chunks(monkeypatch, decoder) -> list:
+    """Records (queries, chunk sizes) of every `_decode` call of `decoder`'s class."""
+    calls = []
+    original_decode = type(decoder)._decode
+
+    def spy_decode(self, image, image_pe, grid, prompt_embeddings, *args):
+        calls.append((prompt_embeddings.shape[1], list(args[-2])))
+        return original_decode(self, image, image_pe, grid, prompt_embeddings, *args)
+
+    monkeypatch.setattr(type(decoder), "_decode", spy_decode)
+    return calls
+
+
+def test_accelerator_sizing_changes_nothing_but_the_chunks_and_blocks(monkeypatch):
+    """On an accelerator (CUDA, ...) the decoder sizes its work for kernel launches, not for a CPU's
+    caches: one chunk of queries while autograd records however small the CPU bound is, bounded
+    chunks without autograd, and mask-head blocks of many queries (the group-norm statistics then run
+    per block of queries too). Sized so on this CPU, outputs and gradients equal the CPU sizing's."""
+    model, _ = decoder_pair()
+    inputs = decoder_inputs(model)
+    upstream = upstream_gradients()
+    decoder = model.mask_decoder
+    per_query = 32 * 4 * 4 * 4  # one query's float32 image stream over 2 images
+    monkeypatch.setattr(modeling, "_QUERY_GROUP_BYTES", 2 * per_query)  # CPU: 1 query per chunk
+    monkeypatch.setattr(modeling, "_MASK_HEAD_BLOCK_ROWS", 16)  # CPU: pixel ranges of one query
+    calls = spy_on_chunks(monkeypatch, decoder)
+    cpu, cpu_grads = run_decoder(decoder, *inputs, True, False, False, upstream)
+    assert calls == [(3, [1, 1, 1])]
+    with torch.no_grad():
+        cpu_inference = decoder(*inputs, True)
+
+    monkeypatch.setattr(modeling, "_sized_for_cpu", lambda device: False)
+    monkeypatch.setattr(modeling, "_ACCELERATOR_QUERY_CHUNK_BYTES", 2 * 2 * per_query)  # 2 queries per chunk
+    monkeypatch.setattr(modeling, "_ACCELERATOR_MASK_HEAD_BLOCK_ROWS", 4 * 64)  # 4 of the 6 queries per block
+    assert modeling._mask_head_blocks(6, 16, torch.device("cpu")) == [(0, 4, 0, 16), (4, 6, 0, 16)]
+    calls.clear()
+    accelerator, accelerator_grads = run_decoder(decoder, *inputs, True, False, False, upstream)
+    assert calls == [(3, [3])]  # autograd records: one chunk
+    calls.clear()
+    with torch.no_grad():
+        accelerator_inference = decoder(*inputs, True)
+    assert calls == [(2, [2]), (1, [1])]  # inference: chunks of the accelerator's bound
+    for name, value in cpu.items():
+        torch.testing.assert_close(accelerator[name], value, rtol=1e-12, atol=1e-12)
+    assert_gradients_close(accelerator_grads, cpu_grads, 1e-10)
+    for got, expected in zip(accelerator_inference, cpu_inference):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("attentions, hidden", [(False, False), (True, True)])
