@@ -3,9 +3,11 @@
     python benchmarks/bench_model.py                                   # every section (~10-20 min on 2 cores)
     python benchmarks/bench_model.py --sections decoder_train          # one section; the others keep their numbers
     python benchmarks/bench_model.py --sections encoder --variants vitt
+    python benchmarks/bench_model.py --device cuda --sections decoder_train encoder --images 8 --queries 64
 
-Sections (results merge into ``benchmarks/results/model_cpu.json``; every section stores the CPU
-record of :mod:`benchmark_utils`: model, ATen capability, native bf16, threads, load average):
+Sections (results merge into ``benchmarks/results/model_cpu.json``, or ``model_cuda.json`` with
+``--device cuda``; every section stores the machine record of :mod:`benchmark_utils`: CPU model,
+ATen capability, native bf16, threads, load average, and the GPU when one is used):
 
 * ``decoder_train``: one decoder fine-tuning step from cached embeddings (prompt encoder and mask
   decoder forward, the project's segmentation loss, backward; frozen image and prompt encoders), ViT-T,
@@ -27,6 +29,12 @@ record of :mod:`benchmark_utils`: model, ATen capability, native bf16, threads, 
   ``MKL_ENABLE_INSTRUCTIONS=AVX2``): float32, bf16 autocast as the model handles it (it falls back
   to float32 there) and bf16 forced (``EFFICIENTSAM_CPU_NATIVE_HALF=1``, what the fallback avoids);
   and the same three on this CPU as it is.
+
+On a GPU (``--device cuda``; default: the GPU when torch sees one) every timed call waits for the
+GPU's queued work, the peak is a 8192^3 matrix product, each decoder_train row records the peak GPU
+memory of a step instead of fresh host pages, ``encoder`` runs ``--encoder_batch`` images per call
+(default 16 there, 1 on a CPU: the cache builder's batches), and ``conditions`` and ``precision``
+(CPU matters) are skipped with a line saying so.
 """
 
 from __future__ import annotations
@@ -49,34 +57,36 @@ from modeling_efficientsam.file_utils import write_json_atomic
 from modeling_efficientsam.modeling_efficientsam import CPU_NATIVE_HALF_PRECISION_ENV
 from modeling_efficientsam.precision import autocast_dtype
 
-from benchmark_utils import WATCH, interleaved, machine_record, matmul_peak, measure  # noqa: E402  (benchmarks/ is on sys.path)
+from benchmark_utils import WATCH, interleaved, machine_record, matmul_peak, measure, synchronized  # noqa: E402  (benchmarks/ is on sys.path)
 from reference_decoder import ReferenceMaskDecoder, reference_segmentation_loss  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "model_cpu.json"
+RESULTS = Path(__file__).resolve().parent / "results"  # model_cpu.json / model_cuda.json
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def _autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def _autocast(dtype, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
 # The decoder training step
 # ------------------------------------------------------------------------------------------------
-def decoder_models(variant: str = "vitt", seed: int = 0):
-    """(current model, the same weights with the reference decoder), encoders frozen as in decoder fine-tuning."""
+def decoder_models(variant: str = "vitt", seed: int = 0, device="cpu"):
+    """(current model, the same weights with the reference decoder), encoders frozen as in decoder
+    fine-tuning, on `device`."""
     torch.manual_seed(seed)
-    model = EfficientSamModel(EfficientSamConfig.from_variant(variant))
+    model = EfficientSamModel(EfficientSamConfig.from_variant(variant)).to(device)
     model.vision_encoder.requires_grad_(False)
     model.prompt_encoder.requires_grad_(False)
     reference = copy.deepcopy(model)
     reference.mask_decoder = ReferenceMaskDecoder(model.config.mask_decoder_config)
     reference.mask_decoder.load_state_dict(model.mask_decoder.state_dict())
-    return model.train(), reference.train()
+    return model.train(), reference.to(device).train()
 
 
-def decoder_batch(config, images: int, queries: int, seed: int = 0) -> dict:
-    """Cached-embedding inputs of a training step: embeddings, box prompts and blob-shaped targets."""
+def decoder_batch(config, images: int, queries: int, seed: int = 0, device="cpu") -> dict:
+    """Cached-embedding inputs of a training step: embeddings, box prompts and blob-shaped targets
+    (drawn on the CPU, so the same on every device, then moved to `device`)."""
     generator = torch.Generator().manual_seed(seed)
     size, grid, mask = config.image_size, config.image_embedding_size, config.low_res_mask_size
     corners = torch.rand(images, queries, 2, 2, generator=generator) * (size - 64)
@@ -87,8 +97,9 @@ def decoder_batch(config, images: int, queries: int, seed: int = 0) -> dict:
     radius_x, radius_y = (scaled[..., 2] - scaled[..., 0]) / 2, (scaled[..., 3] - scaled[..., 1]) / 2
     labels = (((xs - centre_x[..., None, None]) / radius_x[..., None, None]) ** 2
               + ((ys - centre_y[..., None, None]) / radius_y[..., None, None]) ** 2 <= 1).float()
-    return {"image_embeddings": torch.randn(images, config.image_embedding_width, grid, grid, generator=generator),
-            "input_boxes": boxes, "labels": labels, "query_mask": torch.ones(images, queries, dtype=torch.bool)}
+    batch = {"image_embeddings": torch.randn(images, config.image_embedding_width, grid, grid, generator=generator),
+             "input_boxes": boxes, "labels": labels, "query_mask": torch.ones(images, queries, dtype=torch.bool)}
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 def training_step(model, batch: dict, dtype=None):
@@ -102,7 +113,7 @@ def training_step(model, batch: dict, dtype=None):
     if isinstance(getattr(model, "mask_decoder", None), ReferenceMaskDecoder):
         segmentation_loss = reference_segmentation_loss  # noqa: F811
     model.zero_grad(set_to_none=True)
-    with _autocast(dtype):
+    with _autocast(dtype, batch["image_embeddings"].device.type):
         outputs = model(image_embeddings=batch["image_embeddings"], input_boxes=batch["input_boxes"])
     loss = segmentation_loss(pred_masks=outputs.pred_masks.float(), iou_scores=outputs.iou_scores.float(),
                              labels=batch["labels"], query_mask=batch["query_mask"])["loss"]
@@ -131,31 +142,47 @@ def step_flops(model, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
+def peak_device_mib_per_step(step, device) -> float:
+    """Peak GPU memory allocated during one call of `step` (after a warm-up call), in MiB."""
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def bench_decoder_train(args) -> dict:
-    model, reference = decoder_models()
-    batch = decoder_batch(model.config, args.images, args.queries)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    model, reference = decoder_models(device=device)
+    batch = decoder_batch(model.config, args.images, args.queries, device=device)
     queries = args.images * args.queries
-    peak = matmul_peak()
+    peak_size = 3072 if on_cpu else 8192
+    peak = matmul_peak(peak_size, device=device)
     flops = {"reference": step_flops(reference, batch), "current": step_flops(model, batch)}
-    native_bf16 = autocast_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    native_bf16 = autocast_dtype(device, torch.bfloat16) == torch.bfloat16
     variants = {
         "reference_fp32": lambda: training_step(reference, batch),
         "current_fp32": lambda: training_step(model, batch),
         "current_bf16_autocast": lambda: training_step(model, batch, torch.bfloat16),
     }
+    if not on_cpu:  # mixed precision is the usual setting on a GPU: the reference under it too
+        variants["reference_bf16_autocast"] = lambda: training_step(reference, batch, torch.bfloat16)
     compile_seconds = None
     if args.compile:
         compiled = torch.compile(model)
         started = time.perf_counter()
-        training_step(compiled, batch)  # compilation (forward and backward graphs)
+        synchronized(lambda: training_step(compiled, batch), device)()  # compilation (forward and backward graphs)
         compile_seconds = round(time.perf_counter() - started, 1)
         variants["current_fp32_compiled"] = lambda: training_step(compiled, batch)
+    variants = {name: synchronized(function, device) for name, function in variants.items()}
     print(f"decoder_train: {queries} queries per step, {args.rounds} rounds; FLOPs per step reference "
           f"{flops['reference'] / 1e9:.1f} G, current {flops['current'] / 1e9:.1f} G; fp32 peak {peak['float32_gflops']} GFLOP/s",
           flush=True)
     timings = interleaved(variants, rounds=args.rounds)
     # the peak again after the runs, the larger counts (a matrix product is disturbed like anything else)
-    later = matmul_peak()
+    later = matmul_peak(peak_size, device=device)
     peak = {**later, "float32_gflops": max(peak["float32_gflops"], later["float32_gflops"]),
             "bfloat16_gflops": max(peak["bfloat16_gflops"], later["bfloat16_gflops"])}
     # times from undisturbed runs when every variant has one, else from all runs (then flagged)
@@ -177,20 +204,29 @@ def bench_decoder_train(args) -> dict:
             "reference_arithmetic_gflops": round(flops["reference"] / seconds / 1e9, 1),
             "executed_gflops": round(executed / seconds / 1e9, 1),
             "fraction_of_fp32_peak": round(flops["reference"] / seconds / 1e9 / peak["float32_gflops"], 3),
-            "computes_in": str(autocast_dtype("cpu", torch.bfloat16)).replace("torch.", "") if "bf16" in name else "float32",
+            "computes_in": str(autocast_dtype(device, torch.bfloat16)).replace("torch.", "") if "bf16" in name else "float32",
             "quiet_runs": sum(run["other_cores"] <= 0.15 for run in timing["runs"]),
-            "fresh_mib_per_step": round(fresh_pages_per_step(variants[name]) * 4 / 1024, 1),
             "runs": timing["runs"],
         }
+        if on_cpu:
+            rows[name]["fresh_mib_per_step"] = round(fresh_pages_per_step(variants[name]) * 4 / 1024, 1)
+        else:
+            rows[name]["fraction_of_bf16_peak"] = round(flops["reference"] / seconds / 1e9 / peak["bfloat16_gflops"], 3)
+            rows[name]["peak_device_mib_per_step"] = peak_device_mib_per_step(variants[name], device)
         print(f"  {name:<24} {rows[name]['queries_per_s']:7.2f} q/s (median {rows[name]['queries_per_s_median']:.2f}), "
               f"x{rows[name]['speedup_vs_reference_fp32']:.2f} vs reference fp32, "
               f"{rows[name]['fraction_of_fp32_peak']:.1%} of the fp32 peak", flush=True)
+    if "reference_bf16_autocast" in rows:
+        rows["current_bf16_autocast"]["speedup_vs_reference_bf16_autocast"] = round(
+            best["reference_bf16_autocast"] / best["current_bf16_autocast"], 2)
     return {
-        "setup": {"variant": "vitt", "images": args.images, "queries_per_image": args.queries, "rounds": args.rounds,
+        "setup": {"variant": "vitt", "device": str(device), "images": args.images, "queries_per_image": args.queries,
+                  "rounds": args.rounds,
                   "step": "prompt encoder + mask decoder forward from cached embeddings, segmentation_loss, backward "
                           "(frozen image and prompt encoders; no optimizer step)",
                   "timing": "each variant once per round in turn; the fastest undisturbed run (fastest of all runs "
-                            "when some variant had none, see from_undisturbed_runs) and the median over the rounds"},
+                            "when some variant had none, see from_undisturbed_runs) and the median over the rounds"
+                            + ("" if on_cpu else "; every timed call waits for the GPU to finish")},
         "peak": peak,
         "flops_per_step": flops,
         "flops_per_query_forward_backward": {k: round(v / queries / 1e9, 2) for k, v in flops.items()},
@@ -204,13 +240,14 @@ def bench_decoder_train(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Encoder and decoder inference (eager vs sdpa, fp32 vs bf16)
 # ------------------------------------------------------------------------------------------------
-def bench_variant(variant: str, repeats: int, queries: int, batch: int) -> dict:
+def bench_variant(variant: str, repeats: int, queries: int, batch: int, device="cpu") -> dict:
+    device = torch.device(device)
     torch.manual_seed(0)
-    model = EfficientSamModel(EfficientSamConfig.from_variant(variant)).eval()
+    model = EfficientSamModel(EfficientSamConfig.from_variant(variant)).to(device).eval()
     size = model.config.image_size
-    pixels = torch.randn(batch, 3, size, size)
+    pixels = torch.randn(batch, 3, size, size).to(device)
     corners = torch.rand(batch, queries, 2, 2) * (size - 1)
-    boxes = torch.cat([corners.min(2).values, corners.max(2).values + 1], dim=-1)
+    boxes = torch.cat([corners.min(2).values, corners.max(2).values + 1], dim=-1).to(device)
     results = {"variant": variant, "parameters": model.num_parameters(), "batch": batch, "queries_per_image": queries}
     embeddings = {}
     for implementation in ("eager", "sdpa"):
@@ -219,18 +256,18 @@ def bench_variant(variant: str, repeats: int, queries: int, batch: int) -> dict:
             key = f"{implementation}_{dtype_name}"
 
             def encode():
-                with torch.no_grad(), _autocast(dtype):
+                with torch.no_grad(), _autocast(dtype, device.type):
                     return model.get_image_embeddings(pixels)
 
-            encoder = measure(encode, repeats)
+            encoder = measure(synchronized(encode, device), repeats)
             embeddings[key] = encode().float()
             cached = embeddings[key]
 
             def decode():
-                with torch.no_grad(), _autocast(dtype):
+                with torch.no_grad(), _autocast(dtype, device.type):
                     return model(image_embeddings=cached, input_boxes=boxes)
 
-            decoder = measure(decode, repeats)
+            decoder = measure(synchronized(decode, device), repeats)
             results[f"encoder_images_per_s_{key}"] = round(batch / encoder["seconds"], 3)
             results[f"decoder_queries_per_s_{key}"] = round(batch * queries / decoder["seconds"], 2)
             results[f"undisturbed_{key}"] = encoder["clean"] and decoder["clean"]
@@ -244,12 +281,12 @@ def bench_variant(variant: str, repeats: int, queries: int, batch: int) -> dict:
     results["encoder_speedup_vs_eager_fp32"] = {
         key: round(results[f"encoder_images_per_s_{key}"] / base, 2) for key in ("sdpa_fp32", "sdpa_bf16", "eager_bf16")
     }
-    results["bf16_computes_in"] = str(autocast_dtype("cpu", torch.bfloat16)).replace("torch.", "")
+    results["bf16_computes_in"] = str(autocast_dtype(device, torch.bfloat16)).replace("torch.", "")
     return results
 
 
 def bench_encoder(args) -> dict:
-    return {"results": [bench_variant(v, args.repeats, args.queries, 1) for v in args.variants]}
+    return {"results": [bench_variant(v, args.repeats, args.queries, args.encoder_batch, args.device) for v in args.variants]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,11 +405,17 @@ def bench_conditions(args) -> dict:
 
 SECTIONS = {"decoder_train": bench_decoder_train, "conditions": bench_conditions, "encoder": bench_encoder,
             "precision": bench_precision}
+# What these sections measure exists on a CPU only (its kernels and its allocator).
+CPU_ONLY_SECTIONS = {"conditions": "emulated AVX2 and glibc's allocator are CPU matters",
+                     "precision": "native bf16 on a CPU and the float32 fallback without it are CPU matters"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (the GPU when torch sees one)")
+    parser.add_argument("--encoder_batch", type=int, default=None,
+                        help="encoder section: images per call (default 1 on a CPU, 16 on a GPU)")
     parser.add_argument("--variants", nargs="+", default=["vitt", "vits"], help="encoder section: model sizes")
     parser.add_argument("--repeats", type=int, default=2, help="encoder section: timed runs per measurement")
     parser.add_argument("--images", type=int, default=2, help="decoder training step: images per step")
@@ -383,9 +426,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no_compile", dest="compile", action="store_false", help="decoder_train: skip torch.compile")
     parser.add_argument("--patience", type=float, default=300.0,
                         help="seconds this run may wait in all for other processes to go quiet before a round")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None, help="default: results/model_<cpu|cuda>.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: only cpu and cuda are measured here")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    if args.encoder_batch is None:
+        args.encoder_batch = 1 if device.type == "cpu" else 16
+    if args.output is None:
+        args.output = RESULTS / f"model_{device.type}.json"
     WATCH.patience = args.patience
     if args.worker == "precision":
         print("RESULT " + json.dumps(precision_measurements(args)), flush=True)
@@ -397,12 +451,15 @@ def main(argv=None) -> int:
     stored = json.loads(args.output.read_text()) if args.output.exists() else {}
     sections = stored.get("sections", {})
     for name in args.sections:
-        machine = machine_record()
+        if device.type != "cpu" and name in CPU_ONLY_SECTIONS:
+            print(f"== {name}: skipped on {args.device} ({CPU_ONLY_SECTIONS[name]})", flush=True)
+            continue
+        machine = machine_record(device)
         print(f"== {name} ({machine['summary']}, load {machine['load_average_1min']})", flush=True)
         started = time.perf_counter()
         result = SECTIONS[name](args)
         result["machine"] = machine
-        result["machine_after"] = {"load_average_1min": machine_record()["load_average_1min"]}
+        result["machine_after"] = {"load_average_1min": machine_record(device)["load_average_1min"]}
         result["seconds"] = round(time.perf_counter() - started, 1)
         result["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         sections[name] = result

@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py                          # all configurations, CPU results file
     python benchmarks/bench_train.py --variants vitt --steps 3
     python benchmarks/bench_train.py --curve_only --quickstart_dir outputs/quickstart
+    python benchmarks/bench_train.py --variants vitt --modes cache --precisions bf16 --batch_images 16 --max_objects 16   # a GPU
 
 Every configuration runs in a fresh subprocess (so its peak resident memory is its own): a student
 (released ViT-T or ViT-S architecture, 1024 px, random weights -- the numbers do not depend on the
@@ -19,6 +20,9 @@ the results). Every result records the CPU
 --warmup_steps optimizer steps are not timed. Reported: images/s and queries/s over the timed
 steps (from the median step time), seconds per step, peak RSS (and peak CUDA memory on a GPU), and
 the 1-minute load average (CPU timings on a shared machine are only as good as its quietness).
+Where torch sees a GPU the Trainer trains on it (the cache is then built there too), the results
+name the GPU and go to ``results/train_cuda.json`` by default, and ``--batch_images`` images per
+step keep it busy (the default, 1, is a CPU's).
 
 The quickstart curve (validation mIoU per epoch and training loss per step) is drawn from the
 ``trainer_state.json`` of a quickstart run (``--quickstart_dir``).
@@ -79,8 +83,10 @@ def run_configuration(config: dict) -> dict:
     reader = None
     if config["mode"] == "cache":
         started = time.perf_counter()
-        caches = [build_embedding_cache(config["dataset"], model, dtype="bfloat16", splits=["train"], batch_size=1,
-                                        cache_root=config["cache_root"]) for model in [student] + ([teacher] if teacher else [])]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        caches = [build_embedding_cache(config["dataset"], model, dtype="bfloat16", splits=["train"],
+                                        batch_size=config["batch_images"], device=device, cache_root=config["cache_root"])
+                  for model in [student] + ([teacher] if teacher else [])]
         config["cache_seconds"] = round(time.perf_counter() - started, 2)
         reader = EmbeddingCacheReader(caches, "train")
     train = EfficientSamTrainingDataset(dataset["train"], image_size=1024, mask_size=256, max_objects=config["max_objects"],
@@ -104,7 +110,7 @@ def run_configuration(config: dict) -> dict:
 
     steps = config["warmup_steps"] + config["steps"]
     args = EfficientSamTrainingArguments(
-        output_dir=os.path.join(config["workdir"], "out"), report_to="none", per_device_train_batch_size=1,
+        output_dir=os.path.join(config["workdir"], "out"), report_to="none", per_device_train_batch_size=config["batch_images"],
         max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, eval_on_start=False,
         logging_steps=1, bf16=config["precision"] == "bf16", disable_tqdm=True, dataloader_num_workers=0, seed=0,
         learning_rate=1e-4,
@@ -120,12 +126,13 @@ def run_configuration(config: dict) -> dict:
     timed_queries = sum(queries[config["warmup_steps"]:steps])
     median = sorted(timed)[len(timed) // 2] if len(timed) % 2 else sum(sorted(timed)[len(timed) // 2 - 1:len(timed) // 2 + 1]) / 2
     seconds = median * len(timed)
+    images = len(timed) * config["batch_images"]
     result = dict(config)
     for key in ("dataset", "cache_root", "workdir"):
         result.pop(key)
     result.update(
         seconds_per_step=round(median, 3),
-        images_per_s=round(len(timed) / seconds, 4),
+        images_per_s=round(images / seconds, 4),
         queries_per_s=round(timed_queries / seconds, 3),
         queries_per_step=round(timed_queries / len(timed), 2),
         step_seconds=[round(t, 3) for t in timed],
@@ -141,14 +148,14 @@ def run_configuration(config: dict) -> dict:
 # Driver
 # ------------------------------------------------------------------------------------------------
 def configurations(variants, steps, warmup_steps, max_objects, precisions, reference_decoder=True,
-                   modes=("pixels", "cache")):
+                   modes=("pixels", "cache"), batch_images=1):
     for student in variants:
         teachers = (False, True) if student == "vitt" else (False,)  # the distillation pair is ViT-S -> ViT-T
         for teacher in teachers:
             for mode in modes:
                 for precision in precisions:
                     common = {"student": student, "teacher": teacher, "mode": mode, "precision": precision, "steps": steps,
-                              "warmup_steps": warmup_steps, "max_objects": max_objects}
+                              "warmup_steps": warmup_steps, "max_objects": max_objects, "batch_images": batch_images}
                     yield {**common, "decoder": "current"}
                     # decoder fine-tuning from the cache is where the decoder is the step: compare with the old one
                     if reference_decoder and student == "vitt" and not teacher and mode == "cache":
@@ -236,12 +243,13 @@ def draw_curve(quickstart_dir: str, path: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "train_cpu.json"))
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/train_<cpu|cuda>.json")
     parser.add_argument("--variants", nargs="+", default=["vitt", "vits"], choices=["vitt", "vits"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first (at least 1)")
     parser.add_argument("--max_objects", type=int, default=4, help="box queries per image")
+    parser.add_argument("--batch_images", type=int, default=1, help="images per optimizer step")
     parser.add_argument("--modes", nargs="+", default=["pixels", "cache"], choices=["pixels", "cache"],
                         help="input modes to run (pixels: live encoder; cache: embedding cache)")
     parser.add_argument("--quickstart_dir", default=os.path.join(REPO, "outputs", "quickstart"),
@@ -262,6 +270,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from benchmark_utils import machine_record
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.output is None:
+        args.output = os.path.join(REPO, "benchmarks", "results", f"train_{device}.json")
+
     report = {}
     if os.path.isfile(args.output):
         with open(args.output, encoding="utf-8") as handle:
@@ -276,9 +288,9 @@ def main(argv=None) -> int:
         results = []
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
-            dataset = prepare_data(workdir, num_images=args.warmup_steps + args.steps)
+            dataset = prepare_data(workdir, num_images=(args.warmup_steps + args.steps) * args.batch_images)
             for config in configurations(args.variants, args.steps, args.warmup_steps, args.max_objects, args.precisions,
-                                         modes=args.modes):
+                                         modes=args.modes, batch_images=args.batch_images):
                 config.update(dataset=dataset, cache_root=os.path.join(workdir, "cache"), workdir=workdir)
                 env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
                 process = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
@@ -291,13 +303,13 @@ def main(argv=None) -> int:
                 results.append(result)
                 print(json.dumps(result), flush=True)
         report.update({
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": device,
             "cpu": platform.processor() or platform.machine(),
-            "machine": machine_record(),
+            "machine": machine_record(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "date": str(date.today()),
-            "setup": {"image_size": 1024, "batch_images": 1, "max_objects": args.max_objects, "timed_steps": args.steps,
+            "setup": {"image_size": 1024, "batch_images": args.batch_images, "max_objects": args.max_objects, "timed_steps": args.steps,
                       "warmup_steps": args.warmup_steps, "trained": "mask decoder (frozen image and prompt encoders)",
                       "teacher": "ViT-S architecture", "weights": "random (throughput does not depend on them)"},
             "results": results,

@@ -9,6 +9,7 @@
 * :func:`interleaved`: several variants timed in turn, round after round, so that a change of load
   hits all of them alike; ratios between variants come from the same rounds.
 * :func:`matmul_peak`: float32 (and bf16) GFLOP/s of a large matrix product, measured in the run.
+* :func:`synchronized`: a function timed on an accelerator returns only once its kernels are done.
 """
 
 from __future__ import annotations
@@ -31,9 +32,49 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
-def machine_record() -> dict:
-    """CPU description, torch threads and the 1-minute load average, for a results file."""
-    return {**cpu_description(), "load_average_1min": load_average(), "summary": cpu_summary()}
+def accelerator_description(device) -> dict:
+    """The GPU a CUDA device is (name, compute capability, memory, CUDA and cuDNN versions), or {}."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    return {
+        "gpu": properties.name,
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+        "multiprocessors": properties.multi_processor_count,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "highest": no TF32
+    }
+
+
+def machine_record(device="cpu") -> dict:
+    """CPU description, torch threads and the 1-minute load average, for a results file; on a GPU
+    also the GPU (:func:`accelerator_description`), which the summary then names first."""
+    record = {**cpu_description(), "load_average_1min": load_average(), "summary": cpu_summary()}
+    accelerator = accelerator_description(device)
+    if accelerator:
+        record["accelerator"] = accelerator
+        record["summary"] = (f"{accelerator['gpu']} (compute {accelerator['compute_capability']}, CUDA {accelerator['cuda']}, "
+                             f"torch {torch.__version__}); host: {record['summary']}")
+    return record
+
+
+def synchronized(function: Callable[[], object], device) -> Callable[[], object]:
+    """`function` followed by waiting for the device's queued work (a no-op wait on a CPU), so that a
+    wall-clock timer around a call measures the work, not its launch."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return function
+
+    def run():
+        result = function()
+        torch.accelerator.synchronize(device) if hasattr(torch, "accelerator") else torch.cuda.synchronize(device)
+        return result
+
+    return run
 
 
 class CpuWatch:
@@ -140,20 +181,22 @@ def interleaved(functions: Dict[str, Callable[[], object]], rounds: int, warmup:
     return results
 
 
-def matmul_peak(size: int = 3072, repeats: int = 5) -> dict:
-    """GFLOP/s of a ``size`` cube matrix product: float32 (the peak the float32 decoder is held to) and
-    bfloat16; the fastest of ``repeats`` after a warm-up."""
+def matmul_peak(size: int = 3072, repeats: int = 5, device="cpu") -> dict:
+    """GFLOP/s of a ``size`` cube matrix product on ``device``: float32 (the peak the float32 decoder is
+    held to) and bfloat16; the fastest of ``repeats`` after a warm-up."""
     result = {"matrix_size": size}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        torch.mm(a, b)
+        a, b = torch.randn(size, size).to(device, dtype), torch.randn(size, size).to(device, dtype)
+        product = synchronized(lambda: torch.mm(a, b), device)
+        product()
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            torch.mm(a, b)
+            product()
             best = min(best, time.perf_counter() - start)
         result[f"{name}_gflops"] = round(2 * size**3 / best / 1e9, 1)
     return result
 
 
-__all__ = ["MAX_ATTEMPTS", "MAX_OTHERS", "WATCH", "CpuWatch", "interleaved", "load_average", "machine_record", "matmul_peak", "measure"]
+__all__ = ["MAX_ATTEMPTS", "MAX_OTHERS", "WATCH", "CpuWatch", "accelerator_description", "interleaved", "load_average",
+           "machine_record", "matmul_peak", "measure", "synchronized"]
