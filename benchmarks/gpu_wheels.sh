@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Wheels of the packages a GPU machine without internet may lack, for benchmarks/run_gpu.sh.
+# Wheels of the packages a GPU machine without internet may lack or have too old, for run_gpu.sh.
 #
-#   bash benchmarks/gpu_wheels.sh [python_version]     # on a machine that reaches PyPI; default 3.12
+#   bash benchmarks/gpu_wheels.sh [python_version] [extra_package ...]    # where PyPI is reachable
 #
-# Downloads into .whl/ (ignored by git) the versions this checkout's environment uses, for Linux
-# x86-64 and the given CPython: datasets and what it needs beyond the usual scientific stack
-# (dill, multiprocess, a pyarrow as new as datasets asks for), pycocotools and evaluate. torch,
-# transformers, accelerate, numpy, pandas and the like are expected on the GPU machine already.
-# run_gpu.sh installs whatever lies in .whl/ into a private folder before it starts.
+# Downloads into .whl/ (ignored by git), for Linux x86-64 and CPython python_version (default 3.12),
+# the versions this checkout's environment uses of: transformers and regex (GPU images often carry an older
+# one than setup.cfg asks for), datasets with dill and multiprocess, pycocotools and evaluate, plus
+# any extra packages named (pyarrow, say, if the GPU machine's is older than datasets asks for: 55 MB).
+# torch, accelerate, huggingface_hub, tokenizers, safetensors, numpy, pandas and pyarrow are expected
+# there already. run_gpu.sh installs whatever lies in .whl/ into a private folder before it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_version="${1:-3.12}"
+shift || true
 python="${PYTHON:-.venv/bin/python}"
 [ -x "$python" ] || python=python3
 packages=()
-for name in datasets dill multiprocess pyarrow pycocotools evaluate; do
+for name in transformers regex datasets dill multiprocess pycocotools evaluate "$@"; do
     version="$("$python" -c "import importlib.metadata as m; print(m.version('$name'))")"
     packages+=("$name==$version")
 done

@@ -33,6 +33,16 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
     | tee "$results/gpu_nvidia_smi.txt"
+# the versions this run uses (the wheels' where they were brought), for the logs
+"$python" - <<'PY' | tee "$results/gpu_versions.txt"
+import importlib.metadata as metadata
+for name in ("torch", "transformers", "regex", "accelerate", "datasets", "pyarrow", "huggingface_hub", "tokenizers", "safetensors",
+             "pycocotools", "evaluate", "numpy"):
+    try:
+        print(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"{name} missing")
+PY
 
 status=0
 run() {  # run NAME SECONDS COMMAND...: the command's output to the screen and to NAME.log
