@@ -78,6 +78,16 @@ def test_accumulation_two_by_one_equals_batch_of_two(tmp_path, synthetic_pcb_dat
     assert joint_log["loss"] == pytest.approx(float(exact), rel=1e-5)
 
 
+def test_a_trainer_that_would_scale_the_loss_again_is_refused(tmp_path, synthetic_pcb_dataset, monkeypatch):
+    """transformers before `Trainer.loss_is_scaled_for_ga` divided every loss by the accumulation steps
+    itself, which would shrink EfficientSAM's already normalized loss silently: refused, saying why."""
+    from transformers import Trainer
+
+    monkeypatch.delattr(Trainer, "loss_is_scaled_for_ga")
+    with pytest.raises(ImportError, match=r"too old for EfficientSamTrainer.*transformers>=5\.23"):
+        make_trainer(tmp_path, synthetic_pcb_dataset, max_steps=1)
+
+
 def test_padded_queries_do_not_change_the_loss(tmp_path, synthetic_pcb_dataset):
     trainer = make_trainer(tmp_path, synthetic_pcb_dataset)
     data = tiny_dataset(synthetic_pcb_dataset["train"], max_objects=None, box_noise_scale=0.0)

@@ -42,6 +42,7 @@ from collections import defaultdict
 from typing import Any, Dict, Optional
 
 import torch
+import transformers
 from transformers import Trainer
 
 from ..data.collator import EfficientSamCollator
@@ -67,6 +68,21 @@ __all__ = ["EfficientSamTrainer"]
 NO_DISTILLATION = {"temperature": 1.0, "alpha": 1.0, "beta": 0.0}
 
 
+def check_trainer_support() -> None:
+    """Raise if this transformers' Trainer would not take `compute_loss`'s normalization as it is.
+
+    Before `Trainer.loss_is_scaled_for_ga` existed (transformers 5.19), the Trainer divided every
+    loss by the gradient accumulation steps itself: with accumulation, EfficientSAM's loss (already
+    a mean over the step's queries) would be divided twice and training would silently use gradients
+    that are too small. setup.cfg asks for transformers>=5.23; this guards installs that went around it.
+    """
+    if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+        raise ImportError(
+            f"transformers {transformers.__version__} is too old for EfficientSamTrainer: its Trainer would divide the "
+            "loss by the gradient accumulation steps a second time. Upgrade: pip install -U 'transformers>=5.23'"
+        )
+
+
 class EfficientSamTrainer(BestAndNewestRotation, Trainer):
     """Trainer for EfficientSAM with box prompts and optional knowledge distillation.
 
@@ -84,6 +100,7 @@ class EfficientSamTrainer(BestAndNewestRotation, Trainer):
 
     def __init__(self, model=None, args=None, teacher_model=None, id2label: Optional[Dict[int, str]] = None,
                  data_collator=None, **kwargs):
+        check_trainer_support()
         kwargs.setdefault("compute_metrics", SegmentationMetrics(id2label))
         # Trainer treats any ProcessorMixin as holding a tokenizer; hand it the image processor and save
         # the full processor ourselves (see _save).
