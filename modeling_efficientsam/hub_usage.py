@@ -9,6 +9,11 @@ as written, in a process where this package cannot be imported.
 
 from __future__ import annotations
 
+#: The oldest torch and transformers that a saved EfficientSAM is known to work with, without this
+#: package (``trust_remote_code``) as with it: setup.cfg's floors, which the tests run with at the
+#: oldest (tests/test_demo.py keeps the two in step). The model card and the Space app state them.
+MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "5.23"}
+
 #: Python code for a model card. ``{repo_id}`` is the only placeholder (the snippet has no other braces,
 #: so ``str.format`` fills it); it reads an image file named ``image.jpg``.
 USAGE_SNIPPET = '''\
@@ -44,4 +49,4 @@ def usage_snippet(repo_id: str) -> str:
     return USAGE_SNIPPET.format(repo_id=repo_id)
 
 
-__all__ = ["USAGE_SNIPPET", "usage_snippet"]
+__all__ = ["MINIMUM_VERSIONS", "USAGE_SNIPPET", "usage_snippet"]

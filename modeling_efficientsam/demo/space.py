@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import Optional
 
 from ..file_utils import write_bytes_atomic
+from ..hub_usage import MINIMUM_VERSIONS
 
 APP_FILE = "app.py"
 REQUIREMENTS_FILE = "requirements.txt"
 #: What a Space's README front matter needs for this app (merge into the model card's metadata).
 SPACE_METADATA = {"sdk": "gradio", "app_file": APP_FILE}
-REQUIREMENTS = ["torch>=2.1", "transformers>=4.46", "gradio>=5.0", "numpy", "pillow", "huggingface_hub"]
+#: The Space's packages: torch and transformers as new as `MINIMUM_VERSIONS`, gradio as new as
+#: setup.cfg's demo extra asks (tests/test_demo.py keeps them in step).
+REQUIREMENTS = [f"torch>={MINIMUM_VERSIONS['torch']}", f"transformers>={MINIMUM_VERSIONS['transformers']}",
+                "gradio>=6.27", "numpy", "pillow", "huggingface_hub"]
 
 _TEMPLATE = Path(__file__).with_name("space_app.py")
 _MODEL_LINE = re.compile(r"^MODEL_ID = .*$", re.MULTILINE)

@@ -30,7 +30,7 @@ import yaml
 from .evaluation import final_metrics, load_initial_metrics
 from .model_building import ORIGINAL_CHECKPOINT_SUFFIXES
 from ..file_utils import write_bytes_atomic
-from ..hub_usage import usage_snippet
+from ..hub_usage import MINIMUM_VERSIONS, usage_snippet
 
 __all__ = ["LOCAL_DATASET_TYPE", "build_model_card", "card_context", "eval_results", "hub_base_model",
            "non_default_arguments", "write_model_card"]
@@ -251,8 +251,8 @@ def build_model_card(
 
     parts += [
         "## Usage", "",
-        "Needs only transformers, torch and Pillow: the model code is stored with the weights "
-        "(`trust_remote_code=True`).", "",
+        f"Needs only transformers (>= {MINIMUM_VERSIONS['transformers']}), torch (>= {MINIMUM_VERSIONS['torch']}) "
+        "and Pillow: the model code is stored with the weights (`trust_remote_code=True`).", "",
         "```python", usage_snippet(repo).rstrip("\n"), "```", "",
         "Automatic mask generation prompts single points on a grid; the metrics above are box-prompted, "
         "so they say nothing about the quality of automatic masks.", "",
