@@ -148,9 +148,10 @@ def run_configuration(config: dict) -> dict:
 # Driver
 # ------------------------------------------------------------------------------------------------
 def configurations(variants, steps, warmup_steps, max_objects, precisions, reference_decoder=True,
-                   modes=("pixels", "cache"), batch_images=1):
+                   modes=("pixels", "cache"), batch_images=1, with_teacher=True):
     for student in variants:
-        teachers = (False, True) if student == "vitt" else (False,)  # the distillation pair is ViT-S -> ViT-T
+        # the distillation pair is ViT-S -> ViT-T
+        teachers = (False, True) if student == "vitt" and with_teacher else (False,)
         for teacher in teachers:
             for mode in modes:
                 for precision in precisions:
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first (at least 1)")
     parser.add_argument("--max_objects", type=int, default=4, help="box queries per image")
     parser.add_argument("--batch_images", type=int, default=1, help="images per optimizer step")
+    parser.add_argument("--without_teacher", action="store_true", help="skip the ViT-S -> ViT-T distillation runs")
     parser.add_argument("--modes", nargs="+", default=["pixels", "cache"], choices=["pixels", "cache"],
                         help="input modes to run (pixels: live encoder; cache: embedding cache)")
     parser.add_argument("--quickstart_dir", default=os.path.join(REPO, "outputs", "quickstart"),
@@ -290,7 +292,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
             dataset = prepare_data(workdir, num_images=(args.warmup_steps + args.steps) * args.batch_images)
             for config in configurations(args.variants, args.steps, args.warmup_steps, args.max_objects, args.precisions,
-                                         modes=args.modes, batch_images=args.batch_images):
+                                         modes=args.modes, batch_images=args.batch_images,
+                                         with_teacher=not args.without_teacher):
                 config.update(dataset=dataset, cache_root=os.path.join(workdir, "cache"), workdir=workdir)
                 env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
                 process = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],

@@ -23,9 +23,10 @@ from .modeling_efficientsam import CPU_NATIVE_HALF_PRECISION_ENV, _cpu_flags, cp
 # Flags worth recording: what decides float32 speed (AVX2 / AVX-512) and half-precision support.
 RECORDED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "bf16",
                   "asimdhp")
-# Environment variables that change which kernels run; recorded when set.
+# Environment variables that change which kernels run or how memory is reused (glibc's allocator);
+# recorded when set.
 RECORDED_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", CPU_NATIVE_HALF_PRECISION_ENV,
-                        "OMP_NUM_THREADS")
+                        "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def autocast_dtype(device, requested: Optional[torch.dtype]) -> torch.dtype:
