@@ -4,8 +4,8 @@ These run only where torch sees a GPU (`benchmarks/run_gpu.sh` runs them before 
 elsewhere they are skipped with that reason. On the GPU the decoder sizes its work differently (one
 chunk of queries while autograd records, large mask-head blocks: see `_queries_per_chunk`), its
 matrix products run in cuBLAS and its attentions in the fused kernels; the CPU in float64 is the
-yardstick. TF32 is off (PyTorch's default for matrix products), so float32 on the GPU is held to
-float32 rounding.
+yardstick. TF32 is off for matrix products and convolutions, so float32 on the GPU is held to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ from modeling_efficientsam.training.losses import segmentation_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU here; these tests run where torch sees one (benchmarks/run_gpu.sh)")
+
+
+@pytest.fixture(autouse=True)
+def float32_without_tf32():
+    """Float32 products and convolutions in full float32 (cuDNN allows TF32 for convolutions by
+    default, the encoder's patch embedding is one): the comparisons hold float32 to float32 rounding."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def decoder_model(config, seed=0):
