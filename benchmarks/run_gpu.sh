@@ -59,7 +59,7 @@ run bench_model 240 "$python" benchmarks/bench_model.py --device cuda --sections
     --variants vitt vits --images 8 --queries 64 --rounds 5 --no_compile --patience 30 --output "$results/model_cuda.json"
 if "$python" -c "import datasets, pycocotools, evaluate" 2>/dev/null; then
     run bench_train 180 "$python" benchmarks/bench_train.py --variants vitt --modes cache --precisions fp32 bf16 \
-        --batch_images 16 --max_objects 16 --steps 5 --quickstart_dir /nonexistent --output "$results/train_cuda.json"
+        --batch_images 16 --max_objects 16 --steps 4 --quickstart_dir /nonexistent --output "$results/train_cuda.json"
 else
     echo "== bench_train skipped: datasets, pycocotools or evaluate does not import here (benchmarks/gpu_wheels.sh)" >&2
     status=1
