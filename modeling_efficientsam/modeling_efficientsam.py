@@ -14,8 +14,9 @@ speed in ways that change only float rounding:
 * the upscaling and hypernetwork product run as one blocked operation with its own backward
   (``_EfficientSamMaskHead``): kernel-2, stride-2 transposed convolutions are matrix products on
   channels-last pixels, and the large second upscaled map is never stored;
-* the per-query image stream is held in chunks of queries small enough for the C allocator to
-  reuse their memory; in training the token-side work runs once for all queries
+* the per-query image stream is held in chunks of queries, on a CPU small enough for the C
+  allocator to reuse their memory (on an accelerator one chunk while training, see
+  ``_queries_per_chunk``); in training the token-side work runs once for all queries
   (``_split_queries``), without autograd the chunks are decoded one at a time;
 * half precision on CPU is used only where the CPU computes it natively
   (``cpu_half_precision_is_native``); elsewhere autocast falls back to float32, which is faster there.

@@ -7,6 +7,7 @@ import copy
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,11 @@ def test_a_trainer_that_would_scale_the_loss_again_is_refused(tmp_path, syntheti
     itself, which would shrink EfficientSAM's already normalized loss silently: refused, saying why."""
     from transformers import Trainer
 
+    from modeling_efficientsam.hub_usage import MINIMUM_VERSIONS
+
     monkeypatch.delattr(Trainer, "loss_is_scaled_for_ga")
-    with pytest.raises(ImportError, match=r"too old for EfficientSamTrainer.*transformers>=5\.23"):
+    floor = re.escape(f"transformers>={MINIMUM_VERSIONS['transformers']}")
+    with pytest.raises(ImportError, match=rf"too old for EfficientSamTrainer.*{floor}"):
         make_trainer(tmp_path, synthetic_pcb_dataset, max_steps=1)
 
 

@@ -46,6 +46,7 @@ import transformers
 from transformers import Trainer
 
 from ..data.collator import EfficientSamCollator
+from ..hub_usage import MINIMUM_VERSIONS
 from .checkpoints import BestAndNewestRotation
 from .distillation import (
     attention_distillation_loss,
@@ -74,12 +75,14 @@ def check_trainer_support() -> None:
     Before `Trainer.loss_is_scaled_for_ga` existed (transformers 5.19), the Trainer divided every
     loss by the gradient accumulation steps itself: with accumulation, EfficientSAM's loss (already
     a mean over the step's queries) would be divided twice and training would silently use gradients
-    that are too small. setup.cfg asks for transformers>=5.23; this guards installs that went around it.
+    that are too small. setup.cfg asks for a newer transformers (`MINIMUM_VERSIONS`); this guards
+    installs that went around it.
     """
     if not hasattr(Trainer, "loss_is_scaled_for_ga"):
         raise ImportError(
             f"transformers {transformers.__version__} is too old for EfficientSamTrainer: its Trainer would divide the "
-            "loss by the gradient accumulation steps a second time. Upgrade: pip install -U 'transformers>=5.23'"
+            "loss by the gradient accumulation steps a second time. "
+            f"Upgrade: pip install -U 'transformers>={MINIMUM_VERSIONS['transformers']}'"
         )
 
 
